@@ -1,0 +1,298 @@
+"""The networks MAML adapts, each a plain function of a parameter dict with a leading task dimension.
+
+A model's ``nn.Parameter`` s are the meta-parameters θ (no task dimension). ``forward(params, ...)``
+takes *fast* weights ``{name: [T, *shape]}`` (see :func:`batched`) so that every task runs with its own
+weights in one pass. ``task_loss`` returns one loss per task; ``metrics`` the family's metrics per task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from metalstm import losses
+from metalstm.config import ModelConfig
+from metalstm.data import BOS, EOS, PAD, Split
+from metalstm.rnn import GATES, rnn_stack
+
+Params = Mapping[str, Tensor]
+
+
+def batched(module: nn.Module, num_tasks: int) -> dict[str, Tensor]:
+    """θ broadcast to ``num_tasks`` tasks (a view: gradients flow back to θ summed over tasks)."""
+    return {n: p.unsqueeze(0).expand(num_tasks, *p.shape) for n, p in module.named_parameters()}
+
+
+def sub(params: Params, prefix: str) -> dict[str, Tensor]:
+    cut = len(prefix) + 1
+    return {n[cut:]: p for n, p in params.items() if n.startswith(prefix + ".")}
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Task-batched ``x @ W^T + b`` for ``x [T, ..., D]``, ``W [T, O, D]``, ``b [T, O]``."""
+    lead = x.shape[:-1]
+    out = torch.baddbmm(bias.unsqueeze(1), x.reshape(x.shape[0], -1, x.shape[-1]), weight.transpose(1, 2))
+    return out.view(*lead, -1)
+
+
+def embed(table: Tensor, tokens: Tensor) -> Tensor:
+    """Task-batched embedding lookup: ``table [T, V, E]``, ``tokens [T, ...]`` → ``[T, ..., E]``."""
+    tasks = torch.arange(tokens.shape[0], device=tokens.device).view(-1, *([1] * (tokens.dim() - 1)))
+    return table[tasks, tokens]
+
+
+def _expect(t: Tensor, name: str, shape: tuple[int | None, ...], *, integer: bool | None = None) -> None:
+    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if integer is True and (t.is_floating_point() or t.is_complex()):
+        raise ValueError(f"{name}: expected integer token ids, got dtype {t.dtype}")
+    if integer is False and not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+class RNN(nn.Module):
+    """Parameters of a ``torch.nn.LSTM``/``GRU`` stack (same names, shapes and init), run task-batched."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
+        super().__init__()
+        if cell not in GATES:
+            raise ValueError(f"cell: expected one of {sorted(GATES)}, got {cell!r}")
+        self.cell, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
+        gates = GATES[cell] * hidden_size
+        for k in range(num_layers):
+            d = input_size if k == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(gates, d)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(gates, hidden_size)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(gates)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(gates)))
+        bound = 1.0 / math.sqrt(hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, params: Params, x: Tensor, mask: Tensor | None = None, states=None):
+        return rnn_stack(self.cell, params, x, self.num_layers, mask=mask, states=states)
+
+
+class MetaModel(nn.Module):
+    """Base class: a family's network, loss and metrics as functions of fast weights."""
+
+    family: str = ""
+
+    def check(self, split: Split, name: str) -> None:  # pragma: no cover - overridden
+        pass
+
+    def task_loss(self, params: Params, split: Split) -> Tensor:
+        raise NotImplementedError
+
+    def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class MLP(MetaModel):
+    """A ReLU MLP on ``x [T, N, F]`` → ``[T, N, O]`` (the canonical sinusoid-regression network)."""
+
+    family = "regression"
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.sizes = list(sizes)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, params: Params, x: Tensor) -> Tensor:
+        for k in range(len(self.layers)):
+            x = linear(x, params[f"layers.{k}.weight"], params[f"layers.{k}.bias"])
+            if k < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    def check(self, split: Split, name: str) -> None:
+        t = split.x.shape[0]
+        _expect(split.x, f"{name}.x", (t, None, self.sizes[0]), integer=False)
+        _expect(split.y, f"{name}.y", (t, split.x.shape[1], self.sizes[-1]), integer=False)
+
+    def task_loss(self, params: Params, split: Split) -> Tensor:
+        return losses.masked_mse(self(params, split.x), split.y, split.y_mask)
+
+    def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
+        return {"mse": self.task_loss(params, split)}
+
+
+class Forecaster(MetaModel):
+    """A window of values (+ covariates) ``[T, N, L, F]`` → the next ``horizon`` values ``[T, N, H]``."""
+
+    family = "forecast"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, horizon: int, cell: str = "lstm"):
+        super().__init__()
+        self.input_size, self.horizon = input_size, horizon
+        self.rnn = RNN(cell, input_size, hidden_size, num_layers)
+        self.head = nn.Linear(hidden_size, horizon)
+
+    def forward(self, params: Params, x: Tensor, x_mask: Tensor | None = None) -> Tensor:
+        _, finals = self.rnn(sub(params, "rnn"), x, x_mask)
+        return linear(finals[-1][0], params["head.weight"], params["head.bias"])
+
+    def check(self, split: Split, name: str) -> None:
+        t, n = split.x.shape[:2]
+        _expect(split.x, f"{name}.x", (t, n, None, self.input_size), integer=False)
+        _expect(split.y, f"{name}.y", (t, n, self.horizon), integer=False)
+
+    def task_loss(self, params: Params, split: Split) -> Tensor:
+        return losses.masked_mse(self(params, split.x, split.x_mask), split.y, split.y_mask)
+
+    def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
+        pred = self(params, split.x, split.x_mask)
+        return {
+            "mse": losses.masked_mse(pred, split.y, split.y_mask),
+            "nd": losses.normalized_deviation(pred, split.y, split.y_mask),
+            "nrmse": losses.nrmse(pred, split.y, split.y_mask),
+        }
+
+
+class CharLM(MetaModel):
+    """Tokens ``[T, N, L]`` → next-token logits ``[T, N, L, V]``."""
+
+    family = "lm"
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, cell: str = "lstm"):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
+        self.rnn = RNN(cell, embedding_size, hidden_size, num_layers)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, params: Params, tokens: Tensor, mask: Tensor | None = None, states=None):
+        out, finals = self.rnn(sub(params, "rnn"), embed(params["embedding.weight"], tokens), mask, states)
+        return linear(out, params["head.weight"], params["head.bias"]), finals
+
+    def check(self, split: Split, name: str) -> None:
+        t, n = split.x.shape[:2]
+        _expect(split.x, f"{name}.x", (t, n, None), integer=True)
+        _expect(split.y, f"{name}.y", tuple(split.x.shape), integer=True)
+        for field, tokens in (("x", split.x), ("y", split.y)):
+            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+                raise ValueError(f"{name}.{field}: token ids must be in [0, {self.vocab_size}), got "
+                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def task_loss(self, params: Params, split: Split) -> Tensor:
+        logits, _ = self(params, split.x, split.x_mask)
+        return losses.masked_cross_entropy(logits, split.y, split.y_mask)
+
+    def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
+        nll = self.task_loss(params, split)
+        return {"nll": nll, "bpc": losses.bits_per_character(nll)}
+
+
+class Seq2Seq(MetaModel):
+    """Encoder-decoder with (Luong, dot-product) attention: source ``[T, N, S]`` → target ``[T, N, L]``.
+
+    Teacher forcing runs the decoder over the whole target in one pass (input projection in one matmul),
+    then attends over the encoder outputs; padding is masked out of the attention and the loss.
+    """
+
+    family = "mt"
+
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_size: int, hidden_size: int,
+                 num_layers: int, cell: str = "lstm"):
+        super().__init__()
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
+        self.src_embedding = nn.Embedding(src_vocab_size, embedding_size)
+        self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_size)
+        self.encoder = RNN(cell, embedding_size, hidden_size, num_layers)
+        self.decoder = RNN(cell, embedding_size, hidden_size, num_layers)
+        self.combine = nn.Linear(2 * hidden_size, hidden_size)
+        self.head = nn.Linear(hidden_size, tgt_vocab_size)
+
+    def encode(self, params: Params, src: Tensor, src_mask: Tensor):
+        memory, finals = self.encoder(sub(params, "encoder"), embed(params["src_embedding.weight"], src), src_mask)
+        return memory, finals
+
+    def decode(self, params: Params, memory: Tensor, src_mask: Tensor, prev: Tensor, states, mask=None):
+        """Logits for target positions given previous tokens ``prev [T, N, L]`` and decoder states."""
+        out, states = self.decoder(sub(params, "decoder"), embed(params["tgt_embedding.weight"], prev), mask, states)
+        scores = out @ memory.transpose(-1, -2)  # [T, N, L, S]
+        scores = scores.masked_fill(src_mask.unsqueeze(2) == 0, float("-inf"))
+        context = torch.softmax(scores, dim=-1) @ memory
+        hidden = torch.tanh(linear(torch.cat([out, context], -1), params["combine.weight"], params["combine.bias"]))
+        return linear(hidden, params["head.weight"], params["head.bias"]), states
+
+    def forward(self, params: Params, src: Tensor, src_mask: Tensor, tgt: Tensor, tgt_mask: Tensor) -> Tensor:
+        memory, states = self.encode(params, src, src_mask)
+        prev = torch.cat([torch.full_like(tgt[..., :1], BOS), tgt[..., :-1]], dim=-1)
+        logits, _ = self.decode(params, memory, src_mask, prev, states, tgt_mask)
+        return logits
+
+    def check(self, split: Split, name: str) -> None:
+        t, n = split.x.shape[:2]
+        _expect(split.x, f"{name}.x", (t, n, None), integer=True)
+        _expect(split.y, f"{name}.y", (t, n, None), integer=True)
+        for field, tokens, vocab in (("x", split.x, self.src_vocab_size), ("y", split.y, self.tgt_vocab_size)):
+            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
+                raise ValueError(f"{name}.{field}: token ids must be in [0, {vocab}), got "
+                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def task_loss(self, params: Params, split: Split) -> Tensor:
+        logits = self(params, split.x, split.x_mask, split.y, split.y_mask)
+        return losses.masked_cross_entropy(logits, split.y, split.y_mask)
+
+    def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
+        return {"nll": self.task_loss(params, split)}
+
+    @torch.no_grad()
+    def translate(self, params: Params, src: Tensor, src_mask: Tensor, max_len: int, beam: int = 1) -> Tensor:
+        """Decode ``[T, N, ≤max_len]`` token ids (EOS then PAD after the end); greedy when ``beam == 1``."""
+        t, n = src.shape[:2]
+        memory, states = self.encode(params, src, src_mask)
+        if beam > 1:  # every hypothesis is one more "sequence" of its task: [T, N*beam, ...]
+            memory = memory.repeat_interleave(beam, 1)
+            src_mask = src_mask.repeat_interleave(beam, 1)
+            states = [tuple(s.repeat_interleave(beam, 1) for s in st) for st in states]
+        width = n * beam
+        prev = torch.full((t, width, 1), BOS, dtype=torch.long, device=src.device)
+        scores = torch.zeros(t, n, beam, device=src.device, dtype=memory.dtype)
+        scores[..., 1:] = float("-inf")  # start from one live hypothesis per sequence
+        done = torch.zeros(t, width, dtype=torch.bool, device=src.device)
+        out = torch.full((t, width, 0), PAD, dtype=torch.long, device=src.device)
+        for _ in range(max_len):
+            logits, states = self.decode(params, memory, src_mask, prev, states)
+            logp = torch.log_softmax(logits[:, :, -1], -1)  # [T, W, V]
+            logp = torch.where(done.unsqueeze(-1), torch.full_like(logp, float("-inf")), logp)
+            logp[..., PAD] = torch.where(done, 0.0, float("-inf"))  # finished hypotheses extend with PAD
+            if beam == 1:
+                token = logp.argmax(-1)
+            else:
+                v = logp.shape[-1]
+                total = (scores.view(t, n, beam, 1) + logp.view(t, n, beam, v)).view(t, n, beam * v)
+                scores, flat = total.topk(beam, dim=-1)
+                origin = (flat // v) + torch.arange(n, device=src.device).view(1, n, 1) * beam
+                origin, token = origin.view(t, width), (flat % v).view(t, width)
+                gather = origin.unsqueeze(-1)
+                out = out.gather(1, gather.expand(-1, -1, out.shape[-1]))
+                done = done.gather(1, origin)
+                states = [tuple(s.gather(1, gather.expand(-1, -1, s.shape[-1])) for s in st) for st in states]
+            out = torch.cat([out, token.unsqueeze(-1)], -1)
+            done = done | (token == EOS)
+            prev = token.unsqueeze(-1)
+            if bool(done.all()):
+                break
+        if beam > 1:  # keep the best hypothesis (topk sorts, so index 0)
+            out = out.view(t, n, beam, -1)[:, :, 0]
+        return out
+
+
+def build_model(cfg: ModelConfig) -> MetaModel:
+    """The one place a model is built from its config (training, checkpoints and serving use it)."""
+    if cfg.kind == "mlp":
+        return MLP([cfg.input_size, *cfg.mlp_hidden, cfg.output_size])
+    if cfg.kind == "forecaster":
+        return Forecaster(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.cell)
+    if cfg.kind == "char_lm":
+        return CharLM(cfg.vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers, cfg.cell)
+    if cfg.kind == "seq2seq":
+        return Seq2Seq(cfg.vocab_size, cfg.tgt_vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
+                       cfg.cell)
+    raise ValueError(f"model.kind: expected one of mlp, forecaster, char_lm, seq2seq; got {cfg.kind!r}")

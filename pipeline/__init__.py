@@ -1,0 +1,1 @@
+"""MetaLSTM's system around the core: task stores, Ray training, MLflow tracking and Ray Serve."""

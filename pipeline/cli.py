@@ -1,0 +1,54 @@
+"""The ``metalstm`` command. Each subcommand lives in its own module, imported only when it runs.
+
+A command module exposes ``add_arguments(parser, command)`` and ``run(args) -> int`` (the exit code);
+``args.command`` names the subcommand, so one module can serve several (evaluate, promote, rollback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "tasks": ("pipeline.tasks_cli", "build and inspect Parquet task stores"),
+    "train": ("pipeline.train", "meta-train on Ray Train"),
+    "evaluate": ("pipeline.registry", "evaluate a registered model on a task store"),
+    "promote": ("pipeline.registry", "move a registry alias to a better version"),
+    "rollback": ("pipeline.registry", "move an alias back to its previous holder"),
+    "serve": ("pipeline.serve", "serve adaptation with Ray Serve"),
+    "demo": ("pipeline.demo", "the whole system end to end on a laptop"),
+    "experiment": ("pipeline.experiment", "few-shot comparison against conventional LSTMs"),
+    "bench": ("pipeline.bench", "benchmarks that print JSON"),
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; the CLI prints its message without a traceback and exits 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="metalstm", description="Meta-LSTM: MAML for sequence models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the chosen command's module is imported (Ray, MLflow are slow to import)
+            importlib.import_module(module).add_arguments(sub, name)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"metalstm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -215,7 +215,8 @@ class Seq2Seq(MetaModel):
         """Logits for target positions given previous tokens ``prev [T, N, L]`` and decoder states."""
         out, states = self.decoder(sub(params, "decoder"), embed(params["tgt_embedding.weight"], prev), mask, states)
         scores = out @ memory.transpose(-1, -2)  # [T, N, L, S]
-        scores = scores.masked_fill(src_mask.unsqueeze(2) == 0, float("-inf"))
+        # finfo.min, not -inf: an all-padding row (a task with fewer sequences) must give finite, unused logits
+        scores = scores.masked_fill(src_mask.unsqueeze(2) == 0, torch.finfo(scores.dtype).min)
         context = torch.softmax(scores, dim=-1) @ memory
         hidden = torch.tanh(linear(torch.cat([out, context], -1), params["combine.weight"], params["combine.bias"]))
         return linear(hidden, params["head.weight"], params["head.bias"]), states

@@ -26,15 +26,128 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
     return out.view(t, b, length, -1)
 
 
-def _steps(proj: Tensor, mask: Tensor | None) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
-    """Per-step views via ``unbind`` (its backward is one ``stack``, not a zero tensor per step)."""
-    steps = proj.unbind(2)
-    masks = mask.to(proj.dtype).unsqueeze(-1).unbind(2) if mask is not None else (None,) * len(steps)
-    return steps, masks
+def _time_major_projection(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
+    """The input projection laid out ``[T, L, B, G]``: each step's slice is one contiguous block per task.
+
+    A stacked layer's input is the previous layer's time-major output seen as ``[T, B, L, H]``, so the
+    reshape below is free there.
+    """
+    t, b, length, d = x.shape
+    out = torch.baddbmm(bias.unsqueeze(1), x.transpose(1, 2).reshape(t, length * b, d), w_ih.transpose(1, 2))
+    return out.view(t, length, b, -1)
 
 
-def _carry(new: Tensor, old: Tensor, m: Tensor | None) -> Tensor:
-    return new if m is None else old + m * (new - old)
+def _step_masks(mask: Tensor | None, length: int) -> tuple[Tensor | None, tuple[bool, ...]]:
+    """``mask [T, B, L]`` as a bool ``[T, L, B, 1]`` plus, per step, whether every sequence is real there.
+
+    Steps where every sequence is real (all of them when sequences are right-padded to a common length)
+    skip the masking ops entirely; only the ragged tail pays for them.
+    """
+    if mask is None:
+        return None, (True,) * length
+    keep = (mask != 0).transpose(1, 2).unsqueeze(-1)
+    return keep, tuple(keep.all(dim=(0, 2, 3)).tolist())
+
+
+def _carry(new: Tensor, old: Tensor, keep: Tensor | None) -> Tensor:
+    """The new state on real steps, the old one on padded steps (right-padding never changes a state)."""
+    return new if keep is None else torch.where(keep, new, old)
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _hidden_matmul(h: Tensor, w: Tensor) -> Tensor:
+    """``h [T, B, K] @ w``: ``w [T, K, N]`` per task, or ``[K, N]`` shared by all tasks (one matmul, T·B rows)."""
+    if w.dim() == 2:
+        return (h.reshape(-1, h.shape[-1]) @ w).view(*h.shape[:-1], w.shape[-1])
+    return torch.bmm(h, w)
+
+
+class _LSTMRecurrence(torch.autograd.Function):
+    """The LSTM recurrence over all steps, given every step's input projection ``proj [T, L, B, 4H]``.
+
+    Outputs every step's ``h``, ``c`` and activated gates ``(i, f, g, o)``, time-major ``[T, L, B, ·]``.
+    The backward is the exact vector-Jacobian product written with differentiable torch ops on the saved
+    inputs *and outputs*, so autograd differentiates it again for second-order MAML (outputs saved for
+    backward are part of the graph). It exists for speed:
+
+    - the forward records no graph: a few fused, in-place ops per step;
+    - the recurrent weight's gradient is one ``[4H, L·B] @ [L·B, H]`` matmul per task instead of ``L``
+      per-step outer products summed one by one;
+    - when every task holds the same ``W_hh`` (θ broadcast before the first inner step, stride 0), each
+      step is one plain matmul over all ``T·B`` rows. The per-task ``W_hh`` gradient stays per task (it is
+      computed from each task's own rows); only the graph recorded for double backward routes through the
+      shared matrix, whose gradient reaches θ summed over tasks exactly as the broadcast's would.
+    """
+
+    @staticmethod
+    def forward(ctx, proj: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, keep: Tensor | None,
+                real: tuple[bool, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        hidden = w_hh.shape[-1]
+        gate_g = slice(2 * hidden, 3 * hidden)
+        shared = w_hh.shape[0] == 1 or w_hh.stride(0) == 0
+        w = w_hh[0].t() if shared else w_hh.transpose(1, 2).contiguous()
+        h, c = h0, c0
+        hs, cs, acts = [], [], []
+        for s in range(proj.shape[1]):
+            a = _hidden_matmul(h, w).add_(proj[:, s])
+            g = torch.tanh(a[..., gate_g])
+            a.sigmoid_()  # no graph is recorded here, so one in-place sigmoid covers all four gates
+            a[..., gate_g] = g
+            i, f, g, o = a.chunk(4, dim=-1)
+            c_new = torch.addcmul(f * c, i, g)
+            h_new = o * torch.tanh(c_new)
+            if not real[s]:
+                c_new, h_new = _carry(c_new, c, keep[:, s]), _carry(h_new, h, keep[:, s])
+            h, c = h_new, c_new
+            hs.append(h)
+            cs.append(c)
+            acts.append(a)
+        hs, cs, acts = torch.stack(hs, 1), torch.stack(cs, 1), torch.stack(acts, 1)
+        ctx.save_for_backward(w_hh, h0, c0, hs, cs, acts, keep)
+        ctx.real, ctx.shared = real, shared
+        ctx.set_materialize_grads(False)
+        return hs, cs, acts
+
+    @staticmethod
+    def backward(ctx, d_hs: Tensor | None, d_cs: Tensor | None, d_acts: Tensor | None):
+        w_hh, h0, c0, hs, cs, acts, keep = ctx.saved_tensors
+        length = hs.shape[1]
+        w = w_hh[0] if ctx.shared else w_hh
+
+        def steps(t: Tensor | None) -> tuple[Tensor | None, ...]:
+            return (None,) * length if t is None else t.unbind(1)
+
+        d_hs, d_cs, d_acts, cs_s, acts_s = steps(d_hs), steps(d_cs), steps(d_acts), cs.unbind(1), acts.unbind(1)
+        dh = dc = None  # gradients flowing into step s from step s + 1
+        dz = [None] * length  # gradients of the pre-activation gates
+        for s in reversed(range(length)):
+            i, f, g, o = acts_s[s].chunk(4, dim=-1)
+            c_prev = cs_s[s - 1] if s > 0 else c0
+            dh, dc = _plus(d_hs[s], dh), _plus(d_cs[s], dc)
+            dh_keep = dc_keep = None  # on padded steps the state was carried: its gradient passes through
+            if not ctx.real[s]:
+                m = keep[:, s]
+                dh, dh_keep = (None, None) if dh is None else (torch.where(m, dh, 0.0), torch.where(m, 0.0, dh))
+                dc, dc_keep = (None, None) if dc is None else (torch.where(m, dc, 0.0), torch.where(m, 0.0, dc))
+            dh = torch.zeros_like(c_prev) if dh is None else dh
+            tanh_c = torch.tanh(cs_s[s])
+            dc = _plus(dc, dh * o * (1 - tanh_c * tanh_c))  # h = o·tanh(c)
+            dz_s = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                              dh * tanh_c * o * (1 - o)], -1)  # c = f·c_prev + i·g
+            if d_acts[s] is not None:  # the activated gates are outputs too (double backward reaches them)
+                dz_s = dz_s + d_acts[s] * torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], -1)
+            dz[s] = dz_s
+            dh = _plus(_hidden_matmul(dz_s, w), dh_keep)
+            dc = _plus(dc * f, dc_keep)
+        dz = torch.stack(dz, 1)
+        d_w = None
+        if ctx.needs_input_grad[1]:  # Σ_s dz_s^T h_{s-1}: the steps after the first in one matmul, then step 0
+            d_w = torch.bmm(dz[:, 1:].flatten(1, 2).transpose(1, 2), hs[:, :-1].flatten(1, 2))
+            d_w = torch.baddbmm(d_w, dz[:, 0].transpose(1, 2), h0)
+        return dz, d_w, dh, dc, None, None
 
 
 def lstm_layer(
@@ -49,26 +162,19 @@ def lstm_layer(
     """One LSTM layer in ``torch.nn.LSTM``'s gate order (i, f, g, o).
 
     ``w_ih: [T, 4H, D]``, ``w_hh: [T, 4H, H]``, biases ``[T, 4H]``. Returns outputs ``[T, B, L, H]``
-    and the final ``(h, c)``, each ``[T, B, H]``.
+    (a view of time-major storage) and the final ``(h, c)``, each ``[T, B, H]``.
     """
-    t, b, _, _ = x.shape
+    t, b, length, _ = x.shape
     hidden = w_hh.shape[-1]
-    proj = _input_projection(x, w_ih, b_ih + b_hh)
+    proj = _time_major_projection(x, w_ih, b_ih + b_hh)
     if state is None:
         h = x.new_zeros(t, b, hidden)
         c = x.new_zeros(t, b, hidden)
     else:
         h, c = state
-    w_hh_t = w_hh.transpose(1, 2)
-    outputs = []
-    for x_t, m in zip(*_steps(proj, mask)):
-        gates = torch.baddbmm(x_t, h, w_hh_t)
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
-        c, h = _carry(c_new, c, m), _carry(h_new, h, m)
-        outputs.append(h)
-    return torch.stack(outputs, dim=2), (h, c)
+    keep, real = _step_masks(mask, length)
+    hs, cs, _ = _LSTMRecurrence.apply(proj, w_hh, h, c, keep, real)
+    return hs.transpose(1, 2), (hs[:, -1], cs[:, -1])
 
 
 def gru_layer(
@@ -81,21 +187,22 @@ def gru_layer(
     state: State | None = None,
 ) -> tuple[Tensor, State]:
     """One GRU layer in ``torch.nn.GRU``'s gate order (r, z, n); weights ``[T, 3H, ·]``."""
-    t, b, _, _ = x.shape
+    t, b, length, _ = x.shape
     hidden = w_hh.shape[-1]
     proj = _input_projection(x, w_ih, b_ih)
     h = x.new_zeros(t, b, hidden) if state is None else state[0]
+    keep, real = _step_masks(mask, length)
     w_hh_t = w_hh.transpose(1, 2)
     b_hh = b_hh.unsqueeze(1)
     outputs = []
-    for x_t, m in zip(*_steps(proj, mask)):
+    for s, x_s in enumerate(proj.unbind(2)):  # unbind: its backward is one stack, not a zero tensor per step
         gh = torch.baddbmm(b_hh, h, w_hh_t)
-        xr, xz, xn = x_t.chunk(3, dim=-1)
+        xr, xz, xn = x_s.chunk(3, dim=-1)
         hr, hz, hn = gh.chunk(3, dim=-1)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
-        h = _carry(n + z * (h - n), h, m)
+        h = _carry(n + z * (h - n), h, None if real[s] else keep[:, s])
         outputs.append(h)
     return torch.stack(outputs, dim=2), (h,)
 

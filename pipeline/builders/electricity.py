@@ -1,0 +1,629 @@
+"""Electricity-load forecasting tasks: one task = one series (entity) over one stretch of time (episode).
+
+Sources (``--layout``, auto-detected from the files when omitted):
+
+- ``uci``: the TAGI-LSTM export of UCI ElectricityLoadDiagrams20112014 — headerless CSVs, one column per
+  client (MT_001..MT_370), rows = hours, with ``*_{train,val,test}.csv`` and matching ``*_datetime.csv``.
+  The "2014-03-31" test-week protocol, one task per client: the history is train+val (168 h), the test week
+  follows. Test clients: query = the test week as consecutive ``horizon``-step forecasts (7 x 24 h), each
+  input = the ``window`` actual values before that day; support = the latest windows of the history.
+  Train/val clients never see the test week: query = the last ``--query-windows`` forecasts of the
+  history, support = windows whose targets end before the first query target.
+- ``gefcom``: GEFCom2012 ``Load_history.csv`` (zipped or not): zone_id,year,month,day,h1..h24, quoted values
+  with thousands commas; blank day-rows are missing values. ``h1`` is the hour starting 00:00.
+- ``csv-wide``: a timestamp column + one numeric column per series. ``csv-long``: series_id,timestamp,value.
+  Any regular frequency (inferred as the most common step, or ``--frequency``); absent timestamps are gaps.
+
+Episodes (gefcom and csv layouts): within each gap-free stretch, consecutive non-overlapping episodes of
+``support_windows`` windows (stride ``--stride``, oldest first) followed by ``query_windows`` consecutive
+``horizon``-step forecasts. Every support target ends before the first query target starts.
+
+Missing values: interior gaps of up to ``--max-gap`` steps are interpolated linearly; no window ever spans a
+remaining gap (episodes are cut from gap-free stretches; UCI tasks that would need one are dropped).
+
+Scaling: per task, ``(offset, scale)`` from the task's history before its first query target
+(:func:`metalstm.series.series_scale`), stored as the task's ``offset`` and ``scale`` columns.
+
+Splits are by series: test/val series are chosen by ranking series ids by ``sha256(seed/id)``, so a test
+series never contributes a training task and the choice is the same on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import logging
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metalstm.series import (
+    SCALE_METHODS,
+    calendar_covariates,
+    default_covariates,
+    finite_runs,
+    interpolate_gaps,
+    make_windows,
+    series_scale,
+)
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("uci", "gefcom", "csv-wide", "csv-long")
+SPLITS = ("train", "val", "test")
+ID_COLUMNS = ("series_id", "id", "series", "item_id", "unique_id")
+TIME_COLUMNS = ("timestamp", "time", "datetime", "date", "ds")
+VALUE_COLUMNS = ("value", "y", "target", "load")
+UCI_PARTS = ("train", "val", "test")
+
+
+@dataclass
+class Series:
+    """One series on a regular grid: ``timestamps`` (datetime64[s]) and ``values`` (original units, NaN = gap)."""
+
+    id: str
+    timestamps: np.ndarray
+    values: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    """A text stream for ``.csv``, ``.csv.gz`` or a ``.zip`` holding one CSV."""
+    if path.suffix == ".zip":
+        zf = zipfile.ZipFile(path)
+        names = [n for n in zf.namelist() if n.endswith(".csv") and not n.startswith("__MACOSX")]
+        if len(names) != 1:
+            raise ValueError(f"{path}: expected one .csv inside the zip, found {names}")
+        return io.TextIOWrapper(zf.open(names[0]), "utf-8", newline="")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path), "utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _uci_files(source: Path) -> dict[str, tuple[Path, Path]] | None:
+    """``{part: (values.csv, datetime.csv)}`` if ``source`` is a TAGI-style UCI folder, else None."""
+    if not source.is_dir():
+        return None
+    found = {}
+    for part in UCI_PARTS:
+        values = [p for p in source.glob(f"*_{part}.csv")]
+        if len(values) != 1:
+            return None
+        stamps = values[0].with_name(values[0].name[: -len(".csv")] + "_datetime.csv")
+        if not stamps.exists():
+            raise FileNotFoundError(f"{stamps}: UCI layout needs the datetime file next to {values[0].name}")
+        found[part] = (values[0], stamps)
+    return found
+
+
+def _gefcom_file(source: Path) -> Path | None:
+    if source.is_file():
+        return source if source.name.lower().startswith("load_history.csv") else None
+    for name in ("Load_history.csv", "Load_history.csv.zip", "Load_history.csv.gz"):
+        if (source / name).exists():
+            return source / name
+    return None
+
+
+def _read_header(path: Path, sep: str) -> list[str]:
+    with _open_text(path) as f:
+        line = f.readline()
+    if not line.strip():
+        raise ValueError(f"{path}: empty file (expected a CSV header)")
+    return [c.strip() for c in next(csv.reader([line], delimiter=sep))]
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"{path}: no {what} column {wanted!r} (columns: {columns[:20]})")
+        return wanted
+    lower = {c.lower(): c for c in columns}
+    return next((lower[c] for c in candidates if c in lower), None)
+
+
+def detect_layout(source: Path, sep: str = ",") -> str:
+    """The layout of ``source`` from its files (see the module docstring)."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: electricity source not found")
+    if _uci_files(source):
+        return "uci"
+    if _gefcom_file(source):
+        return "gefcom"
+    if source.is_dir():
+        raise ValueError(f"{source}: not a UCI (*_train.csv + *_datetime.csv) or GEFCom (Load_history.csv) folder; "
+                         f"pass a CSV file with --layout csv-wide or csv-long")
+    cols = _read_header(source, sep)
+    has_id = _pick(cols, None, ID_COLUMNS, "id", source)
+    has_value = _pick(cols, None, VALUE_COLUMNS, "value", source)
+    return "csv-long" if has_id and has_value and len(cols) == 3 else "csv-wide"
+
+
+def _read_matrix(path: Path) -> np.ndarray:
+    rows = []
+    with _open_text(path) as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row:
+                continue
+            try:
+                rows.append([float(v) if v.strip() else np.nan for v in row])
+            except ValueError as e:
+                raise ValueError(f"{path}: line {i + 1} has a non-numeric value ({e})") from e
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"{path}: rows have different numbers of columns {sorted(widths)}")
+    return np.asarray(rows, np.float64)
+
+
+def read_uci(source: Path) -> tuple[list[Series], int]:
+    """UCI clients over train+val+test hours, and the index of the first test hour."""
+    files = _uci_files(source)
+    if files is None:
+        raise ValueError(f"{source}: not a UCI folder (needs *_train.csv, *_val.csv, *_test.csv and *_datetime.csv)")
+    mats, stamps = [], []
+    for part in UCI_PARTS:
+        values_path, stamps_path = files[part]
+        m = _read_matrix(values_path)
+        with _open_text(stamps_path) as f:
+            ts = [line.strip().strip('"') for line in f if line.strip()]
+        if ts and not re.match(r"\d{4}-\d\d-\d\d", ts[0]):
+            ts = ts[1:]  # a header line
+        if len(ts) != len(m):
+            raise ValueError(f"{stamps_path}: {len(ts)} timestamps for {len(m)} rows of {values_path.name}")
+        if mats and m.shape[1] != mats[0].shape[1]:
+            raise ValueError(f"{values_path}: {m.shape[1]} columns, but {files['train'][0].name} has "
+                             f"{mats[0].shape[1]}")
+        mats.append(m)
+        stamps.append(np.asarray(ts, dtype="datetime64[s]"))
+    values = np.concatenate(mats)
+    timestamps = np.concatenate(stamps)
+    step = np.diff(timestamps)
+    if len(step) and (step != step[0]).any():
+        bad = int(np.flatnonzero(step != step[0])[0])
+        raise ValueError(f"{source}: timestamps are not regular around {timestamps[bad]} (train, val, test must be "
+                         f"consecutive)")
+    width = max(3, len(str(values.shape[1])))
+    series = [Series(f"MT_{j + 1:0{width}d}", timestamps, values[:, j]) for j in range(values.shape[1])]
+    return series, len(mats[0]) + len(mats[1])
+
+
+def read_gefcom(source: Path) -> list[Series]:
+    """GEFCom2012 zones as hourly series; blank day-rows (and absent days) become NaN. ``h1`` starts at 00:00."""
+    import pandas as pd
+
+    path = _gefcom_file(source) if source.is_dir() else source
+    if path is None:
+        raise FileNotFoundError(f"{source}: no Load_history.csv(.zip) here")
+    hours = [f"h{i}" for i in range(1, 25)]
+    missing = [c for c in ("zone_id", "year", "month", "day", *hours) if c not in _read_header(path, ",")]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (GEFCom layout: zone_id,year,month,day,h1..h24)")
+    try:  # values are quoted with thousands commas ("16,853"); blank cells are missing values
+        frame = pd.read_csv(path, thousands=",", usecols=["zone_id", "year", "month", "day", *hours],
+                            dtype={h: np.float64 for h in hours})
+        days = pd.to_datetime(frame[["year", "month", "day"]]).to_numpy("datetime64[D]")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    zones = frame["zone_id"].astype(str).str.strip().to_numpy()
+    values = frame[hours].to_numpy(np.float64)
+    out = []
+    for zone in sorted(set(zones.tolist()), key=lambda z: (len(z), z)):
+        rows = np.flatnonzero(zones == zone)
+        first = days[rows].min()
+        index = (days[rows] - first).astype(np.int64)
+        grid = np.full((int(index.max()) + 1, 24), np.nan)
+        grid[index] = values[rows]
+        ts = first.astype("datetime64[s]") + np.arange(grid.size) * np.timedelta64(3600, "s")
+        out.append(Series(f"zone_{zone}", ts, grid.reshape(-1)))
+    return out
+
+
+def _regular_grid(timestamps: np.ndarray, values: np.ndarray, frequency_s: float | None, where: str,
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Put ``values`` on a regular grid (absent steps NaN); the step is inferred as the most common one."""
+    order = np.argsort(timestamps, kind="stable")
+    ts, vals = timestamps[order], values[order]
+    if len(ts) > 1 and (np.diff(ts) == np.timedelta64(0, "s")).any():
+        dup = ts[np.flatnonzero(np.diff(ts) == np.timedelta64(0, "s"))[0]]
+        raise ValueError(f"{where}: duplicate timestamp {dup}")
+    if frequency_s is None:
+        if len(ts) < 2:
+            raise ValueError(f"{where}: need at least 2 timestamps to infer the frequency (or pass --frequency)")
+        steps, counts = np.unique(np.diff(ts).astype(np.int64), return_counts=True)
+        frequency_s = float(steps[np.argmax(counts)])
+    step = np.timedelta64(int(frequency_s), "s")
+    offsets = (ts - ts[0]).astype(np.int64)
+    if (offsets % int(frequency_s)).any():
+        bad = ts[np.flatnonzero(offsets % int(frequency_s))[0]]
+        raise ValueError(f"{where}: timestamp {bad} is off the {int(frequency_s)} s grid starting at {ts[0]}; "
+                         f"pass --frequency")
+    n = int(offsets[-1] // int(frequency_s)) + 1
+    grid = np.full(n, np.nan)
+    grid[offsets // int(frequency_s)] = vals
+    return ts[0] + np.arange(n) * step, grid, frequency_s
+
+
+def _parse_times(raw, where: str) -> np.ndarray:
+    import pandas as pd
+
+    try:
+        t = pd.to_datetime(pd.Series(raw))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: cannot parse timestamps ({e})") from e
+    if t.dt.tz is not None:
+        t = t.dt.tz_localize(None)  # keep the local wall-clock time: that is what the calendar covariates mean
+    if t.isna().any():
+        raise ValueError(f"{where}: {int(t.isna().sum())} empty timestamps")
+    return t.to_numpy(dtype="datetime64[s]")
+
+
+def read_csv_wide(path: Path, *, timestamp_column: str | None = None, frequency_s: float | None = None,
+                  sep: str = ",", decimal: str = ".") -> tuple[list[Series], float]:
+    """A timestamp column + one numeric column per series (non-numeric cells become NaN)."""
+    import pandas as pd
+
+    cols = _read_header(path, sep)
+    tcol = _pick(cols, timestamp_column, TIME_COLUMNS, "timestamp", path) or cols[0]
+    frame = pd.read_csv(path, sep=sep, decimal=decimal, dtype={tcol: str}, low_memory=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    series_cols = [c for c in frame.columns if c != tcol]
+    if not series_cols:
+        raise ValueError(f"{path}: only the timestamp column {tcol!r}; a wide CSV needs one column per series")
+    ts = _parse_times(frame[tcol], f"{path}: column {tcol!r}")
+    out = []
+    for c in series_cols:
+        col = frame[c]
+        if col.dtype == object:  # thousands separators ("16,853") or junk cells; junk becomes NaN
+            text = col.astype(str)
+            col = pd.to_numeric(text.str.replace(",", "", regex=False) if decimal == "." else text, errors="coerce")
+        vals = col.to_numpy(np.float64)
+        if not np.isfinite(vals).any():
+            raise ValueError(f"{path}: column {c!r} has no numeric values")
+        grid_ts, grid, frequency_s = _regular_grid(ts, vals, frequency_s, f"{path}")
+        out.append(Series(c, grid_ts, grid))
+    return out, float(frequency_s)
+
+
+def read_csv_long(path: Path, *, id_column: str | None = None, timestamp_column: str | None = None,
+                  value_column: str | None = None, frequency_s: float | None = None, sep: str = ",",
+                  decimal: str = ".") -> tuple[list[Series], float]:
+    """Rows of (series id, timestamp, value); each series on its own regular grid."""
+    import pandas as pd
+
+    cols = _read_header(path, sep)
+    picked = {}
+    for what, wanted, cands in (("id", id_column, ID_COLUMNS), ("timestamp", timestamp_column, TIME_COLUMNS),
+                                ("value", value_column, VALUE_COLUMNS)):
+        picked[what] = _pick(cols, wanted, cands, what, path)
+        if picked[what] is None:
+            raise ValueError(f"{path}: no {what} column (tried {list(cands)}; columns: {cols[:20]}); "
+                             f"name it with --{what}-column")
+    frame = pd.read_csv(path, sep=sep, decimal=decimal, usecols=list(picked.values()),
+                        dtype={picked["id"]: str, picked["timestamp"]: str})
+    values = pd.to_numeric(frame[picked["value"]], errors="coerce").to_numpy(np.float64)
+    ts = _parse_times(frame[picked["timestamp"]], f"{path}: column {picked['timestamp']!r}")
+    ids = frame[picked["id"]].to_numpy()
+    out = []
+    freq = frequency_s
+    for sid in sorted(set(ids.tolist())):
+        rows = ids == sid
+        grid_ts, grid, f = _regular_grid(ts[rows], values[rows], frequency_s, f"{path}: series {sid!r}")
+        freq = freq or f
+        if f != freq:
+            raise ValueError(f"{path}: series {sid!r} has step {f:g} s, others {freq:g} s; pass --frequency")
+        out.append(Series(str(sid), grid_ts, grid))
+    if not out:
+        raise ValueError(f"{path}: no rows")
+    return out, float(freq)
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def assign_splits(ids: list[str], *, val_fraction: float, test_fraction: float, seed: int,
+                  val_ids: list[str] | None = None, test_ids: list[str] | None = None) -> dict[str, str]:
+    """Series id → split. Test/val series are the lowest ``sha256(f"{seed}/{id}")`` ranks (or named explicitly)."""
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name}: must be in [0, 1), got {frac}")
+    known = set(ids)
+    for name, given in (("val_series", val_ids), ("test_series", test_ids)):
+        unknown = sorted(set(given or ()) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown series {unknown[:5]} (have e.g. {sorted(known)[:5]})")
+    out = {i: "train" for i in ids}
+    if test_ids is not None or val_ids is not None:
+        for i in val_ids or ():
+            out[i] = "val"
+        for i in test_ids or ():
+            out[i] = "test"
+        return out
+    n = len(ids)
+    n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
+    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
+    if n_test + n_val >= n:
+        raise ValueError(f"val_fraction/test_fraction: {n_val} val + {n_test} test series leave no training "
+                         f"series out of {n}")
+    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}/{i}".encode()).hexdigest())
+    for i in ranked[:n_test]:
+        out[i] = "test"
+    for i in ranked[n_test : n_test + n_val]:
+        out[i] = "val"
+    return out
+
+
+def _format_frequency(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _parse_frequency(text: str | None) -> float | None:
+    if text is None:
+        return None
+    import pandas as pd
+
+    try:
+        seconds = pd.Timedelta(text if any(ch.isalpha() for ch in text) else f"{text}s").total_seconds()
+    except ValueError as e:
+        raise ValueError(f"frequency: cannot parse {text!r} (e.g. 1h, 30min, 1d)") from e
+    if seconds <= 0:
+        raise ValueError(f"frequency: must be positive, got {text!r}")
+    return seconds
+
+
+def _defaults(layout: str, frequency_s: float) -> dict[str, int]:
+    """Window sizes in steps: a week in, a day out for sub-daily data; the UCI export has only 168 h of history."""
+    if layout == "uci":  # 72 + 24 h windows leave room for 5 support windows before the last history day
+        return {"window": 72, "horizon": 24, "stride": 12, "support_windows": 5, "query_windows": 1}
+    per_day = 86400 / frequency_s
+    if frequency_s < 86400 and per_day == int(per_day):
+        d = int(per_day)
+        return {"window": 7 * d, "horizon": d, "stride": d, "support_windows": 8, "query_windows": 7}
+    return {"window": 28, "horizon": 7, "stride": 7, "support_windows": 8, "query_windows": 4}
+
+
+class ElectricityBuild:
+    """Reads a source once, resolves the options, then yields task records lazily (:meth:`tasks`)."""
+
+    def __init__(self, source: str | Path, *, layout: str | None = None, window: int | None = None,
+                 horizon: int | None = None, stride: int | None = None, support_windows: int | None = None,
+                 query_windows: int | None = None, episode_stride: int | None = None,
+                 max_episodes_per_series: int | None = None, covariates: bool = True,
+                 val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+                 val_series: list[str] | None = None, test_series: list[str] | None = None,
+                 max_gap: int = 3, scale_method: str = "mean", frequency: str | None = None,
+                 timestamp_column: str | None = None, id_column: str | None = None, value_column: str | None = None,
+                 sep: str = ",", decimal: str = ".", max_tasks_per_split: int | None = None) -> None:
+        self.source = Path(source)
+        self.layout = layout or detect_layout(self.source, sep)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {self.layout!r}")
+        if scale_method not in SCALE_METHODS:
+            raise ValueError(f"scale_method: expected one of {list(SCALE_METHODS)}, got {scale_method!r}")
+        freq = _parse_frequency(frequency)
+        self.test_start: int | None = None
+        if self.layout == "uci":
+            self.series, self.test_start = read_uci(self.source)
+            freq = float((self.series[0].timestamps[1] - self.series[0].timestamps[0]).astype(np.int64))
+        elif self.layout == "gefcom":
+            self.series = read_gefcom(self.source)
+            freq = 3600.0
+        elif self.layout == "csv-wide":
+            self.series, freq = read_csv_wide(self.source, timestamp_column=timestamp_column, frequency_s=freq,
+                                              sep=sep, decimal=decimal)
+        else:
+            self.series, freq = read_csv_long(self.source, id_column=id_column, timestamp_column=timestamp_column,
+                                              value_column=value_column, frequency_s=freq, sep=sep, decimal=decimal)
+        self.frequency_s = float(freq)
+        given = {"window": window, "horizon": horizon, "stride": stride, "support_windows": support_windows,
+                 "query_windows": query_windows}
+        self.opts = {k: (v if v is not None else d) for (k, v), d in zip(given.items(),
+                                                                         _defaults(self.layout, freq).values())}
+        for k, v in self.opts.items():
+            if int(v) < 1:
+                raise ValueError(f"{k}: must be >= 1, got {v}")
+        if max_gap < 0:
+            raise ValueError(f"max_gap: must be >= 0, got {max_gap}")
+        if max_tasks_per_split is not None and max_tasks_per_split < 1:
+            raise ValueError(f"max_tasks_per_split: must be >= 1, got {max_tasks_per_split}")
+        if max_episodes_per_series is not None and max_episodes_per_series < 1:
+            raise ValueError(f"max_episodes_per_series: must be >= 1, got {max_episodes_per_series}")
+        if episode_stride is not None and episode_stride < 1:
+            raise ValueError(f"episode_stride: must be >= 1, got {episode_stride}")
+        self.covariates = tuple(default_covariates(self.frequency_s)) if covariates else ()
+        self.max_gap, self.scale_method = max_gap, scale_method
+        self.episode_stride, self.max_episodes = episode_stride, max_episodes_per_series
+        self.max_tasks_per_split = max_tasks_per_split
+        if self.layout == "uci":
+            self._check_uci()
+        self.splits = assign_splits([s.id for s in self.series], val_fraction=val_fraction,
+                                    test_fraction=test_fraction, seed=seed, val_ids=val_series, test_ids=test_series)
+        self.settings = {"layout": self.layout, "source": str(self.source), **self.opts,
+                         "episode_stride": episode_stride, "max_episodes_per_series": max_episodes_per_series,
+                         "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+                         "max_gap": max_gap, "max_tasks_per_split": max_tasks_per_split,
+                         "series_per_split": {s: sum(v == s for v in self.splits.values()) for s in SPLITS}}
+        self.stats = {"tasks": dict.fromkeys(SPLITS, 0), "dropped_series": 0, "missing_steps": 0}
+
+    def _check_uci(self) -> None:
+        o, test_len = self.opts, len(self.series[0].values) - self.test_start
+        if o["window"] > self.test_start:
+            raise ValueError(f"window: {o['window']} steps exceed the {self.test_start} h of UCI history")
+        if test_len // o["horizon"] < 1:
+            raise ValueError(f"horizon: {o['horizon']} exceeds the {test_len} h test week")
+        need = o["window"] + o["horizon"] * (o["query_windows"] + 1)
+        if need > self.test_start:
+            raise ValueError(f"window/horizon/query_windows: train clients need window + horizon x (query_windows + "
+                             f"1) = {need} h of history for one support window, the UCI history has {self.test_start}")
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return {"input_size": 1 + len(self.covariates), "horizon": self.opts["horizon"],
+                "window": self.opts["window"], "covariates": list(self.covariates),
+                "inputs": ["value", *self.covariates],
+                "frequency": _format_frequency(self.frequency_s), "frequency_seconds": self.frequency_s,
+                "support_windows": self.opts["support_windows"],
+                "query_windows": self.opts["query_windows"], "stride": self.opts["stride"]}
+
+    @property
+    def normalisation(self) -> dict[str, Any]:
+        return {"method": self.scale_method, "per": "task", "columns": ["offset", "scale"], "max_gap": self.max_gap,
+                "scaled": "x[..., 0] and y are (value - offset) / scale; covariates x[..., 1:] are unscaled",
+                "fit_on": "the task's history before its first query target (never the query targets)",
+                "missing": f"interior gaps of <= {self.max_gap} steps interpolated linearly; no window spans a "
+                           f"remaining gap"}
+
+    # -- task generation
+
+    def _cov(self, s: Series) -> np.ndarray | None:
+        return calendar_covariates(s.timestamps, self.covariates) if self.covariates else None
+
+    def _record(self, s: Series, split: str, first_query: int, sx, sy, qx, qy, offset: float, scale: float) -> dict:
+        stamp = str(s.timestamps[first_query])
+        return {"task_id": f"{s.id}@{stamp}", "entity": s.id, "split": split, "support_x": sx, "support_y": sy,
+                "query_x": qx, "query_y": qy, "offset": offset, "scale": scale, "forecast_start": stamp}
+
+    def _uci_tasks(self, s: Series, split: str) -> Iterator[dict]:
+        o, h = self.opts, self.opts["horizon"]
+        values = interpolate_gaps(s.values, self.max_gap)
+        cov = self._cov(s)
+        if split == "test":
+            cutoff, q_count = self.test_start, (len(values) - self.test_start) // h
+            q_end = cutoff + q_count * h
+        else:  # never touch the test week: the last query_windows forecasts of the history are the query
+            q_end, q_count = self.test_start, o["query_windows"]
+            cutoff = q_end - q_count * h
+        if not np.isfinite(values[:q_end]).all():
+            self.stats["dropped_series"] += 1
+            log.warning("electricity: %s dropped: missing values left after interpolating gaps of <= %d steps",
+                        s.id, self.max_gap)
+            return
+        offset, scale = series_scale(values[:cutoff], self.scale_method)
+        sx, sy = make_windows(values, cov, o["window"], h, o["stride"], offset=offset, scale=scale, end=cutoff,
+                              count=o["support_windows"])
+        qx, qy = make_windows(values, cov, o["window"], h, h, offset=offset, scale=scale, end=q_end, count=q_count)
+        if not sx or len(qx) != q_count:
+            self.stats["dropped_series"] += 1
+            return
+        yield self._record(s, split, cutoff, sx, sy, qx, qy, offset, scale)
+
+    def _episode_tasks(self, s: Series, split: str) -> Iterator[dict]:
+        o, h = self.opts, self.opts["horizon"]
+        cutoff_rel = (o["support_windows"] - 1) * o["stride"] + o["window"] + h
+        span = cutoff_rel + o["query_windows"] * h
+        step = self.episode_stride or span
+        values = interpolate_gaps(s.values, self.max_gap)
+        self.stats["missing_steps"] += int((~np.isfinite(values)).sum())
+        starts = [e for a, b in finite_runs(values) for e in range(a, b - span + 1, step)]
+        if self.max_episodes is not None:
+            starts = starts[-self.max_episodes :]  # the most recent episodes
+        if not starts:
+            self.stats["dropped_series"] += 1
+            log.warning("electricity: %s has no gap-free stretch of %d steps; no tasks", s.id, span)
+            return
+        cov = self._cov(s)
+        for a in starts:
+            cutoff, q_end = a + cutoff_rel, a + span
+            offset, scale = series_scale(values[a:cutoff], self.scale_method)
+            sx, sy = make_windows(values, cov, o["window"], h, o["stride"], offset=offset, scale=scale, end=cutoff,
+                                  count=o["support_windows"])
+            qx, qy = make_windows(values, cov, o["window"], h, h, offset=offset, scale=scale, end=q_end,
+                                  count=o["query_windows"])
+            yield self._record(s, split, cutoff, sx, sy, qx, qy, offset, scale)
+
+    def tasks(self) -> Iterator[dict]:
+        """Task records, series by series (sorted ids as read), logging progress."""
+        limit = self.max_tasks_per_split
+        per_series = self._uci_tasks if self.layout == "uci" else self._episode_tasks
+        for k, s in enumerate(self.series):
+            split = self.splits[s.id]
+            if limit is not None and self.stats["tasks"][split] >= limit:
+                if all(n >= limit for sp, n in self.stats["tasks"].items() if sp in self.splits.values()):
+                    break
+                continue
+            for task in per_series(s, split):
+                if limit is not None and self.stats["tasks"][split] >= limit:
+                    break
+                self.stats["tasks"][split] += 1
+                yield task
+            if (k + 1) % max(1, len(self.series) // 10) == 0 or k + 1 == len(self.series):
+                log.info("electricity: %d/%d series, tasks %s", k + 1, len(self.series), self.stats["tasks"])
+
+
+def electricity_tasks(source: str | Path, **options: Any) -> Iterator[dict]:
+    """Task records for an electricity source (options: see :class:`ElectricityBuild`)."""
+    return ElectricityBuild(source, **options).tasks()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("electricity")
+    g.add_argument("--source", required=True, help="UCI or GEFCom folder, or a CSV file (.csv, .csv.gz, .zip)")
+    g.add_argument("--layout", choices=LAYOUTS, help="source layout (default: detected from the files)")
+    g.add_argument("--window", type=int, help="input steps L (default: a week of steps; UCI 72)")
+    g.add_argument("--horizon", type=int, help="forecast steps H (default: a day of steps)")
+    g.add_argument("--stride", type=int, help="steps between support windows (default: a day; UCI 12)")
+    g.add_argument("--support-windows", type=int, help="support windows per task (default 8; UCI 5)")
+    g.add_argument("--query-windows", type=int,
+                   help="consecutive H-step query forecasts per task (default 7; UCI train/val clients 1, "
+                        "UCI test clients always the whole test week)")
+    g.add_argument("--episode-stride", type=int, help="steps between a series' episodes (default: non-overlapping)")
+    g.add_argument("--max-episodes-per-series", type=int, help="keep only each series' latest N episodes")
+    g.add_argument("--no-covariates", dest="covariates", action="store_false",
+                   help="values only (F = 1) instead of value + calendar sin/cos covariates")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of series held out for validation")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="share of series held out for testing")
+    g.add_argument("--val-series", help="comma-separated series ids for validation (overrides the fractions)")
+    g.add_argument("--test-series", help="comma-separated series ids for testing (overrides the fractions)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the series-id hash that picks held-out series")
+    g.add_argument("--max-gap", type=int, default=3, help="interpolate interior gaps up to this many steps")
+    g.add_argument("--scale", dest="scale_method", choices=SCALE_METHODS, default="mean",
+                   help="per-task scaling: mean (offset 0, scale mean|v|) or standard (mean, std)")
+    g.add_argument("--frequency", help="series step, e.g. 1h, 30min (default: inferred)")
+    g.add_argument("--timestamp-column", help="CSV timestamp column (default: detected)")
+    g.add_argument("--id-column", help="long CSV series-id column (default: detected)")
+    g.add_argument("--value-column", help="long CSV value column (default: detected)")
+    g.add_argument("--sep", default=",", help="CSV field separator")
+    g.add_argument("--decimal", default=".", help="CSV decimal mark")
+    g.add_argument("--max-tasks-per-split", type=int, help="stop after N tasks per split (quick small stores)")
+
+
+def _ids(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build(args: argparse.Namespace) -> dict:
+    from pipeline.taskstore import write_store
+
+    b = ElectricityBuild(
+        args.source, layout=args.layout, window=args.window, horizon=args.horizon, stride=args.stride,
+        support_windows=args.support_windows, query_windows=args.query_windows, episode_stride=args.episode_stride,
+        max_episodes_per_series=args.max_episodes_per_series, covariates=args.covariates,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        val_series=_ids(args.val_series), test_series=_ids(args.test_series), max_gap=args.max_gap,
+        scale_method=args.scale_method, frequency=args.frequency, timestamp_column=args.timestamp_column,
+        id_column=args.id_column, value_column=args.value_column, sep=args.sep, decimal=args.decimal,
+        max_tasks_per_split=args.max_tasks_per_split)
+    log.info("electricity: %s layout, %d series (%s), frequency %s", b.layout, len(b.series),
+             b.settings["series_per_split"], b.features["frequency"])
+    limits = {"max_x_len": b.opts["window"], "max_y_len": b.opts["horizon"]}
+    manifest = write_store(args.out, b.tasks(), family="electricity", features=b.features, limits=limits,
+                           normalisation=b.normalisation, builder={"name": "electricity", **b.settings},
+                           overwrite=getattr(args, "overwrite", False),
+                           **({"rows_per_group": args.rows_per_group} if getattr(args, "rows_per_group", None) else {}))
+    log.info("electricity: wrote %s (%s); %s", args.out, b.stats["tasks"], b.stats)
+    return manifest

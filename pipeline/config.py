@@ -1,0 +1,159 @@
+"""The one config schema: OmegaConf structured dataclasses, loaded from YAML and ``key=value`` overrides.
+
+Everything is validated here, before any Ray work starts, so a typo fails in a second with the key named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metalstm.config import MAMLConfig, ModelConfig
+
+FAMILY_MODELS = {"synthetic": ("forecaster", "mlp"), "electricity": ("forecaster",), "ptb-char": ("char_lm",),
+                 "mt-en-de": ("seq2seq",)}
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The built-in data: a sinusoid task store built on first use when ``data.store`` is empty."""
+
+    layout: str = "sequence"  # sequence (LSTM forecaster) | points (canonical MLP regression)
+    train_tasks: int = 256
+    val_tasks: int = 32
+    test_tasks: int = 32
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    store: str = ""  # task-store URI (path, s3://, memory://); empty = the built-in synthetic store
+    train_split: str = "train"
+    val_split: str = "val"
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # β, the meta learning rate (Adam)
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0  # global-norm clip of the meta-gradient; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    meta_steps: int = 300
+    meta_batch_size: int = 16  # B: tasks per meta-step, summed over all workers
+    val_every: int = 50  # meta-steps between validations (and checkpoints); 0 = only at the end
+    val_tasks: int = 32  # held-out tasks evaluated at each validation
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # leave CPUs for Ray Data on small machines
+    max_failures: int = 2  # worker failures recovered from the last checkpoint
+    bucket_mb: float = 64.0  # all-reduce bucket size for the flattened meta-gradient
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # empty: MLFLOW_TRACKING_URI, else a local sqlite store in the working directory
+    experiment: str = "metalstm"
+    registered_model: str = ""  # empty: do not register
+    run_name: str = ""  # empty: the run's name
+
+
+@dataclass
+class CheckpointConfig:
+    storage_path: str = ""  # where Ray Train persists runs; empty: ./.metalstm/runs
+    num_to_keep: int = 3
+    warm_start: str = ""  # a checkpoint file to initialise θ from (not resumed: step and optimiser start fresh)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "metalstm-synthetic"  # the run name: the same name resumes the run
+    dtype: str = "float32"  # float32 | float64
+    model: ModelConfig = field(default_factory=ModelConfig)
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _check(cond: bool, key: str, message: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"config key {key}: {message}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Value checks OmegaConf's types cannot express."""
+    _check(cfg.dtype in ("float32", "float64"), "dtype", "expected float32 or float64", cfg.dtype)
+    _check(cfg.model.kind in ("mlp", "forecaster", "char_lm", "seq2seq"), "model.kind",
+           "expected mlp, forecaster, char_lm or seq2seq", cfg.model.kind)
+    _check(cfg.model.cell in ("lstm", "gru"), "model.cell", "expected lstm or gru", cfg.model.cell)
+    for key in ("model.hidden_size", "model.num_layers", "schedule.meta_steps", "schedule.meta_batch_size",
+                "scaling.num_workers", "checkpoint.num_to_keep", "schedule.log_every"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value >= 1, key, "must be >= 1", value)
+    for key in ("schedule.val_every", "schedule.val_tasks", "scaling.max_failures", "optim.weight_decay",
+                "optim.grad_clip"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value >= 0, key, "must be >= 0", value)
+    _check(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
+    _check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0", cfg.scaling.cpus_per_worker)
+    _check(cfg.maml.inner_steps >= 0, "maml.inner_steps", "must be >= 0", cfg.maml.inner_steps)
+    _check(cfg.maml.inner_lr > 0, "maml.inner_lr", "must be > 0", cfg.maml.inner_lr)
+    _check(cfg.data.synthetic.layout in ("sequence", "points"), "data.synthetic.layout",
+           "expected sequence or points", cfg.data.synthetic.layout)
+    _check(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'", cfg.name)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults ← YAML file ← ``key=value`` overrides, type-checked and validated; errors name the key."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        layers = [schema]
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"config file {p} does not exist")
+            layers.append(OmegaConf.load(p))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: expected key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"config key {key}: {reason}" if key else f"config: {reason}") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,218 @@
+"""``metalstm bench serve``: bounded HTTP load against the adaptation service, batched vs one at a time.
+
+Starts a local Ray + Serve on 127.0.0.1, registers a forecaster in a temporary MLflow (or serves ``model=``),
+deploys it twice (``/batched`` with ``serve.batch``, ``/unbatched`` one request at a time) and drives each
+from a SECOND process at several concurrencies, for ``POST /v1/adapt`` and for adapter predict. Every
+request sends 7 days of hourly history (the raw-history form: the server windows and scales it).
+
+Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``96``), ``hidden`` (64),
+``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The UCI electricity layout (pipeline.builders.electricity): 72 h windows, 24 h horizon, stride 12, 5 windows.
+STORE = {"family": "electricity",
+         "features": {"input_size": 5, "horizon": 24, "window": 72, "stride": 12, "support_windows": 5,
+                      "covariates": ["value", "hour_sin", "hour_cos", "dow_sin", "dow_cos"]},
+         "normalisation": {"method": "mean"}}
+TARGETS = {"p50_ms_at_1": 50.0, "batched_speedup_at_32": 4.0}
+
+
+def _int(options: dict[str, str], key: str, default: int, low: int = 1) -> int:
+    try:
+        value = int(options.get(key, default))
+    except ValueError:
+        raise ValueError(f"bench option {key}: expected an integer, got {options[key]!r}") from None
+    if value < low:
+        raise ValueError(f"bench option {key}: must be >= {low}, got {value}")
+    return value
+
+
+def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str, workdir: Path) -> str:
+    """Register a checkpoint as the registry's pyfunc model (as training does) and return the version."""
+    import mlflow
+
+    from pipeline.registry import save_pyfunc
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("metalstm-bench")
+    model_dir = workdir / f"pyfunc-{name}"
+    save_pyfunc(checkpoint, model_dir)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model_dir), "model")
+    return str(mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version)
+
+
+def _forecaster(workdir: Path, hidden: int, steps: int) -> Path:
+    import torch
+
+    from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="forecaster", input_size=5, hidden_size=hidden, horizon=24)
+    learner = MetaLearner(build_model(cfg), MAMLConfig(inner_steps=steps, inner_lr=0.01))
+    return save_checkpoint(workdir / "forecaster.pt", learner, cfg, {"store": STORE})
+
+
+def history(days: int, seed: int) -> dict[str, list]:
+    rng = np.random.default_rng(seed)
+    n = 24 * days
+    t = np.arange(n)
+    values = 800 + 300 * np.sin(2 * np.pi * t / 24) + 100 * np.sin(2 * np.pi * t / 168) + rng.normal(0, 30, n)
+    stamps = (np.datetime64("2014-03-24T00") + t.astype("timedelta64[h]")).astype(str)
+    return {"values": values.round(2).tolist(), "timestamps": stamps.tolist()}
+
+
+# ----------------------------------------------------------------------------- the load (second process)
+
+
+def _load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Send ``spec["requests"]`` requests with ``spec["concurrency"]`` threads; latency percentiles, rate, errors."""
+    import requests
+
+    base, path, concurrency, total = spec["base"], spec["path"], spec["concurrency"], spec["requests"]
+    bodies = spec["bodies"]
+    local = threading.local()
+
+    def one(i: int) -> tuple[float, bool]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        start = time.perf_counter()
+        try:
+            ok = session.post(base + path[i % len(path)], json=bodies[i % len(bodies)], timeout=120).ok
+        except requests.RequestException:
+            ok = False
+        return time.perf_counter() - start, ok
+
+    with ThreadPoolExecutor(concurrency) as pool:  # warm-up: connections, first batches
+        list(pool.map(one, range(min(total, 2 * concurrency))))
+        start = time.perf_counter()
+        results = list(pool.map(one, range(total)))
+        elapsed = time.perf_counter() - start
+    lat = np.array([r[0] for r in results]) * 1000
+    return {"concurrency": concurrency, "requests": total, "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests_per_s": round(total / elapsed, 2),
+            "errors": int(sum(not r[1] for r in results))}
+
+
+def _drive(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run :func:`_load` in a second Python process (the client must not share the server's CPU time slices)."""
+    out = subprocess.run([sys.executable, "-m", "pipeline.serve_bench"], input=json.dumps(spec), text=True,
+                         capture_output=True, timeout=1800, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench(options: dict[str, str]) -> dict[str, Any]:
+    import ray
+    import requests
+    from ray import serve
+
+    from pipeline.serve import build_app, model_config
+
+    known = {"concurrency", "requests", "hidden", "steps", "days", "model", "tracking_uri"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"bench serve: unknown options {unknown}; expected some of {sorted(known)}")
+    try:
+        levels = [int(c) for c in options.get("concurrency", "1,8,32").split(",")]
+    except ValueError:
+        raise ValueError(f"bench option concurrency: expected integers like 1,8,32, got "
+                         f"{options['concurrency']!r}") from None
+    if not levels or min(levels) < 1 or max(levels) > 256:
+        raise ValueError(f"bench option concurrency: each level must be in [1, 256], got {levels}")
+    total = _int(options, "requests", 96)
+    hidden, steps, days = _int(options, "hidden", 64), _int(options, "steps", 5, 0), _int(options, "days", 7, 5)
+
+    with tempfile.TemporaryDirectory(prefix="metalstm-serve-bench-") as tmp:
+        workdir = Path(tmp)
+        if "model" in options:
+            model_uri, tracking_uri = options["model"], options.get("tracking_uri")
+        else:
+            tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+            version = register_checkpoint(_forecaster(workdir, hidden, steps), "bench-forecaster", tracking_uri,
+                                          workdir)
+            model_uri = f"models:/bench-forecaster/{version}"
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            config = model_config(model_uri, tracking_uri)
+            serve.run_many([serve.RunTarget(build_app(config, num_cpus=0.5, torch_threads=1, batching=b), name=mode,
+                                            route_prefix=f"/{mode}") for mode, b in (("batched", True),
+                                                                                     ("unbatched", False))])
+            base = f"http://127.0.0.1:{port}"
+            info = requests.get(f"{base}/batched/v1/model", timeout=30).json()
+            bodies = [{"history": history(days, seed), "steps": steps} for seed in range(16)]
+            results: dict[str, Any] = {"model": {k: info[k] for k in ("name", "version", "kind", "adapt_steps")},
+                                       "hidden": hidden, "steps": steps, "history_hours": 24 * days,
+                                       "cpus": os.cpu_count(), "adapt": {}, "predict": {}}
+            for mode in ("batched", "unbatched"):
+                adapters = [requests.post(f"{base}/{mode}/v1/adapters", json=b, timeout=120).json()["id"]
+                            for b in bodies[:8]]
+                predict_paths = [f"/{mode}/v1/adapters/{a}/predict" for a in adapters]
+                predict_bodies = [{"history": b["history"]} for b in bodies]
+                for c in levels:
+                    results["adapt"].setdefault(mode, []).append(_drive(
+                        {"base": base, "path": [f"/{mode}/v1/adapt"], "bodies": bodies, "concurrency": c,
+                         "requests": max(total, 2 * c)}))
+                    # predict: each request names one of 8 adapters (path and body cycle together)
+                    results["predict"].setdefault(mode, []).append(_drive(
+                        {"base": base, "path": predict_paths, "bodies": predict_bodies, "concurrency": c,
+                         "requests": max(total, 2 * c)}))
+                results.setdefault("batching", {})[mode] = requests.get(
+                    f"{base}/{mode}/v1/model", timeout=30).json()["batching"]
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    results["summary"] = _summary(results, levels)
+    return results
+
+
+def _summary(results: dict[str, Any], levels: list[int]) -> dict[str, Any]:
+    def at(endpoint: str, mode: str, c: int) -> dict[str, Any] | None:
+        return next((r for r in results[endpoint].get(mode, []) if r["concurrency"] == c), None)
+
+    out: dict[str, Any] = {"errors": sum(r["errors"] for ep in ("adapt", "predict") for m in results[ep].values()
+                                         for r in m)}
+    one, top = min(levels), max(levels)
+    for endpoint in ("adapt", "predict"):
+        b, u = at(endpoint, "batched", top), at(endpoint, "unbatched", top)
+        if b and u:
+            out[f"{endpoint}_speedup_at_{top}"] = round(b["requests_per_s"] / max(u["requests_per_s"], 1e-9), 2)
+        first = at(endpoint, "batched", one)
+        if first:
+            out[f"{endpoint}_p50_ms_at_{one}"] = first["p50_ms"]
+    out["targets"] = {"adapt_p50_ms_at_1<=50": out.get("adapt_p50_ms_at_1", float("inf")) <= 50.0,
+                      "adapt_speedup_at_32>=4": out.get("adapt_speedup_at_32", 0.0) >= 4.0,
+                      "zero_errors": out["errors"] == 0}
+    return out
+
+
+if __name__ == "__main__":  # the load-generator process: a JSON spec on stdin, a JSON result on stdout
+    print(json.dumps(_load(json.loads(sys.stdin.read()))))

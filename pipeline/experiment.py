@@ -57,7 +57,7 @@ from metalstm.data import Split, TaskBatch, collate
 from metalstm.maml import MetaLearner
 from metalstm.models import build_model
 from metalstm.training import meta_train
-from pipeline.config import TrainConfig
+from pipeline.config import FAMILY_MODELS, TrainConfig
 from pipeline.config import validate as validate_train
 
 log = logging.getLogger(__name__)
@@ -419,11 +419,28 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the experiment
 
 
+def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """The store decides the data dimensions (as ``pipeline.train.apply_manifest``, which imports MLflow)."""
+    family, features = manifest["family"], manifest.get("features", {})
+    allowed = FAMILY_MODELS.get(family, ())
+    if family == "synthetic":
+        cfg.model.kind = "mlp" if features.get("layout") == "points" else "forecaster"
+    if cfg.model.kind not in allowed:
+        if len(allowed) != 1:
+            raise ValueError(f"config key train.model.kind: {cfg.model.kind!r} cannot run on a {family!r} store "
+                             f"(expected one of {list(allowed)})")
+        cfg.model.kind = allowed[0]
+    for key in ("input_size", "output_size", "horizon", "vocab_size", "tgt_vocab_size"):
+        if key in features:
+            setattr(cfg.model, key, int(features[key]))
+    if "src_vocab_size" in features:
+        cfg.model.vocab_size = int(features["src_vocab_size"])
+
+
 class Experiment:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
         from pipeline.taskstore import read_manifest, read_tasks
-        from pipeline.train import apply_manifest
 
         self.uri = prepare_store(cfg.store)
         self.manifest = read_manifest(self.uri)

@@ -653,7 +653,7 @@ class AdaptationServer:
             if isinstance(outcome, NonFiniteLossError):
                 raise RequestError(("support",), f"adaptation diverged: {outcome}")
             if isinstance(outcome, ValueError):
-                raise RequestError(("body",), str(outcome))
+                raise RequestError(("support",), str(outcome))
             if isinstance(outcome, Exception):
                 log.exception("adaptation failed", exc_info=outcome)
                 raise HTTPException(500, f"adaptation failed: {type(outcome).__name__}: {outcome}")

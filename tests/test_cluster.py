@@ -1,6 +1,7 @@
 """Cluster operation end to end: a real Ray head with token authentication, `ray job submit` through
 deploy/submit.sh, a model registered in MLflow by the job, `serve deploy` of deploy/serve_config.yaml, and
-a real HTTP request to /v1/adapt. Plus syntactic checks of the deploy/ manifests.
+a real HTTP request to /v1/adapt (marked ``integration``). Plus fast checks, without a cluster, that the
+deploy/ manifests parse and agree with the config schema and with deploy/serve_config.yaml.
 
 The head runs in its own session with a dedicated --temp-dir and its own ports, so other Ray instances on
 the machine are untouched; teardown kills exactly the processes this module started (never `ray stop`).
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -28,6 +30,8 @@ import pytest
 import requests
 import yaml
 
+from pipeline.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 SUBMIT = DEPLOY / "submit.sh"
@@ -35,7 +39,6 @@ HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-age
               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
               "object-manager-port")
 
-pytestmark = pytest.mark.integration
 needs_ray_cli = pytest.mark.skipif(shutil.which("ray") is None or shutil.which("serve") is None,
                                    reason="the `ray` and `serve` CLIs are not on PATH (pip install 'ray[serve]')")
 
@@ -51,7 +54,7 @@ def _load(path: Path) -> dict:
         return yaml.safe_load(f)
 
 
-# ----------------------------------------------------------------------------- manifests (no cluster)
+# ----------------------------------------------------------------------------- manifests (no cluster, fast)
 
 
 def test_runtime_env_ships_the_project_without_network():
@@ -67,15 +70,17 @@ def test_kuberay_rayjob_manifest():
     job = _load(DEPLOY / "kuberay" / "rayjob-train.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
-    entry = spec["entrypoint"]
-    assert entry.startswith("metalstm train --config ") and "data.store=s3://" in entry
-    assert "scaling.use_gpu=true" in entry and "checkpoint.storage_path=s3://" in entry
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["metalstm", "train", "--config"]
+    cfg = load_config(REPO / argv[3], argv[4:])  # every override is a real, valid config key
+    assert cfg.scaling.use_gpu and cfg.data.store.startswith("s3://")
+    assert cfg.checkpoint.storage_path.startswith("s3://")  # shared by every node
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
     gpu_groups = [g for g in cluster["workerGroupSpecs"]
                   if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
                          for c in g["template"]["spec"]["containers"])]
-    assert gpu_groups, "no GPU worker group"
+    assert sum(g["replicas"] for g in gpu_groups) >= cfg.scaling.num_workers, "fewer GPU pods than training workers"
     containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]
                   ["containers"]]
     for c in containers:
@@ -95,6 +100,7 @@ def test_kuberay_rayservice_matches_the_serve_config():
     assert [d["name"] for d in apps[0]["deployments"]] == [d["name"] for d in local_apps[0]["deployments"]]
     assert set(apps[0].get("args", {})) <= set(local_apps[0].get("args", {}))
     user_config = apps[0]["deployments"][0]["user_config"]
+    assert set(user_config) == set(local_apps[0]["deployments"][0]["user_config"])
     assert user_config["model_uri"].startswith("models:/") and user_config["tracking_uri"]
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["authOptions"]["mode"] == "token"
@@ -171,7 +177,8 @@ def start_head(num_cpus: int = 2) -> Iterator[Head]:
            "--object-store-memory", str(300 << 20), "--disable-usage-stats"]
     cmd += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
     with open(tmp / "head.log", "w") as log:  # the child keeps its own descriptor
-        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # cwd: whatever a Ray worker writes to a relative path lands in tmp, not in the repository
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.time() + 90
@@ -199,6 +206,7 @@ def ray_head() -> Iterator[Head]:
         yield head
 
 
+@pytest.mark.integration
 @needs_ray_cli
 def test_the_cluster_requires_its_token(ray_head):
     assert requests.get(f"{ray_head.url}/api/jobs/", timeout=10).status_code == 401
@@ -235,6 +243,7 @@ def _serve_config(tracking_uri: str, model_uri: str, port: int) -> dict:
     return config
 
 
+@pytest.mark.integration
 @needs_ray_cli
 @pytest.mark.timeout(900)
 def test_submit_train_register_and_serve(ray_head, tmp_path):

@@ -6,20 +6,16 @@ server test, real task stores, real checkpoints of a tiny sinusoid MLP (meta-tra
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 from mlflow.tracking import MlflowClient
+from servers import free_port, start_server, stop_server
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, collate, save_checkpoint
 from metalstm.sinusoid import sinusoid_tasks
@@ -44,49 +40,6 @@ def make_checkpoint(path: Path, meta_steps: int, store: dict) -> Path:
     extra = {"config": {"name": "sine", "model": {"kind": "mlp", "mlp_hidden": [32, 32]}}, "store": store,
              "step": meta_steps, "val_loss": 0.0}
     return save_checkpoint(path, learner, cfg, extra, overwrite=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    """A real ``mlflow server`` (sqlite backend, local artifact root), polled on /health until it answers."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(root / f"server-{port}.log", "a") as log_file:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
-             f"sqlite:///{root / 'server.db'}", "--default-artifact-root", str(root / "artifacts")],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    pytest.fail(f"mlflow server did not start: {(root / f'server-{port}.log').read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (the process group this test started)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    with contextlib.suppress(ProcessLookupError):  # uvicorn workers share the group: none may outlive the test
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

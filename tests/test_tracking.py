@@ -5,19 +5,13 @@ No mocks: the outage test kills a real server mid-run and brings it back on the 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 import torch
 from mlflow.tracking import MlflowClient
+from servers import free_port, start_server, stop_server
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
 from pipeline import plots
@@ -44,49 +38,6 @@ def checkpoint(tmp_path) -> Path:
              "normalisation": {}}
     return save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", learner, cfg,
                            {"config": CONFIG, "store": store, "step": 3, "val_loss": 1.5})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    """A real ``mlflow server`` (sqlite backend, local artifact root), polled on /health until it answers."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(root / f"server-{port}.log", "a") as log_file:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
-             f"sqlite:///{root / 'server.db'}", "--default-artifact-root", str(root / "artifacts")],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    pytest.fail(f"mlflow server did not start: {(root / f'server-{port}.log').read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (the process group this test started)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    with contextlib.suppress(ProcessLookupError):  # uvicorn workers share the group: none may outlive the test
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def steps_logged(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[int]:

@@ -26,15 +26,9 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
     return out.view(t, b, length, -1)
 
 
-def _time_major_projection(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
-    """The input projection laid out ``[T, L, B, G]``: each step's slice is one contiguous block per task.
-
-    A stacked layer's input is the previous layer's time-major output seen as ``[T, B, L, H]``, so the
-    reshape below is free there.
-    """
-    t, b, length, d = x.shape
-    out = torch.baddbmm(bias.unsqueeze(1), x.transpose(1, 2).reshape(t, length * b, d), w_ih.transpose(1, 2))
-    return out.view(t, length, b, -1)
+def _shared(w: Tensor) -> bool:
+    """Whether every task holds the same tensor: θ broadcast to all tasks (stride 0), or a single task."""
+    return w.shape[0] == 1 or w.stride(0) == 0
 
 
 def _step_masks(mask: Tensor | None, length: int) -> tuple[Tensor | None, tuple[bool, ...]]:
@@ -58,67 +52,74 @@ def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _hidden_matmul(h: Tensor, w: Tensor) -> Tensor:
-    """``h [T, B, K] @ w``: ``w [T, K, N]`` per task, or ``[K, N]`` shared by all tasks (one matmul, T·B rows)."""
-    if w.dim() == 2:
-        return (h.reshape(-1, h.shape[-1]) @ w).view(*h.shape[:-1], w.shape[-1])
-    return torch.bmm(h, w)
+def _rows_matmul(rows: Tensor, w: Tensor, shared: bool) -> Tensor:
+    """``rows [T, N, K] @ w [T, K, M]`` → ``[T, N, M]``; one plain matmul over all T·N rows when shared."""
+    if shared:
+        return (rows.reshape(-1, rows.shape[-1]) @ w[0]).view(*rows.shape[:-1], w.shape[-1])
+    return torch.bmm(rows, w)
 
 
-class _LSTMRecurrence(torch.autograd.Function):
-    """The LSTM recurrence over all steps, given every step's input projection ``proj [T, L, B, 4H]``.
+class _LSTMLayer(torch.autograd.Function):
+    """One task-batched LSTM layer over all steps, as a single autograd node.
 
-    Outputs every step's ``h``, ``c`` and activated gates ``(i, f, g, o)``, time-major ``[T, L, B, ·]``.
-    The backward is the exact vector-Jacobian product written with differentiable torch ops on the saved
-    inputs *and outputs*, so autograd differentiates it again for second-order MAML (outputs saved for
-    backward are part of the graph). It exists for speed:
+    Outputs every step's ``h``, ``c`` and activated gates ``(i, f, g, o)``, laid out ``[T, L, B, ·]``
+    (each step one block per task). The backward is the exact vector-Jacobian product written with
+    differentiable torch ops on the saved inputs *and outputs* (saved outputs are part of the graph), so
+    autograd differentiates it again for second-order MAML. It exists for speed:
 
-    - the forward records no graph: a few fused, in-place ops per step;
-    - the recurrent weight's gradient is one ``[4H, L·B] @ [L·B, H]`` matmul per task instead of ``L``
-      per-step outer products summed one by one;
-    - when every task holds the same ``W_hh`` (θ broadcast before the first inner step, stride 0), each
-      step is one plain matmul over all ``T·B`` rows. The per-task ``W_hh`` gradient stays per task (it is
-      computed from each task's own rows); only the graph recorded for double backward routes through the
-      shared matrix, whose gradient reaches θ summed over tasks exactly as the broadcast's would.
+    - the forward records no graph: it writes the gates into the input projection's buffer and the
+      states into preallocated outputs, a handful of in-place ops per step;
+    - the weight gradients are one ``[L·B, ·]^T @ [L·B, 4H]`` matmul per task (not ``L`` per-step outer
+      products summed one by one), the bias gradient one sum, the input gradient one matmul;
+    - when all tasks hold the same weights (θ broadcast before the first inner step: stride 0), each step
+      is one plain matmul over all ``T·B`` rows. The returned weight gradients are still per task (each
+      computed from that task's rows); only the graph recorded for double backward routes through the
+      shared matrix, whose gradient reaches θ summed over tasks, exactly as the broadcast's would.
     """
 
     @staticmethod
-    def forward(ctx, proj: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, keep: Tensor | None,
-                real: tuple[bool, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, h0: Tensor, c0: Tensor,
+                keep: Tensor | None, real: tuple[bool, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        t, b, length, d = x.shape
         hidden = w_hh.shape[-1]
-        gate_g = slice(2 * hidden, 3 * hidden)
-        shared = w_hh.shape[0] == 1 or w_hh.stride(0) == 0
-        w = w_hh[0].t() if shared else w_hh.transpose(1, 2).contiguous()
+        ih_shared = _shared(w_ih) and _shared(b_ih) and _shared(b_hh)
+        hh_shared = _shared(w_hh)
+        # every step's x @ W_ih^T + b in one matmul, time-major per task; the gates are computed in place here
+        acts = _rows_matmul(x.transpose(1, 2).reshape(t, length * b, d), w_ih.transpose(1, 2), ih_shared)
+        acts = acts.add_((b_ih + b_hh).unsqueeze(1)).view(t, length, b, 4 * hidden)
+        hs, cs = x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)
+        w = w_hh.transpose(1, 2) if hh_shared else w_hh.transpose(1, 2).contiguous()
+        sig1, tanh, sig2 = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden), slice(3 * hidden, None)
         h, c = h0, c0
-        hs, cs, acts = [], [], []
-        for s in range(proj.shape[1]):
-            a = _hidden_matmul(h, w).add_(proj[:, s])
-            g = torch.tanh(a[..., gate_g])
-            a.sigmoid_()  # no graph is recorded here, so one in-place sigmoid covers all four gates
-            a[..., gate_g] = g
+        for s in range(length):
+            a = acts[:, s]
+            if hh_shared:
+                a.add_(_rows_matmul(h, w, True))
+            else:
+                a.baddbmm_(h, w)
+            a[..., sig1].sigmoid_()
+            a[..., tanh].tanh_()
+            a[..., sig2].sigmoid_()
             i, f, g, o = a.chunk(4, dim=-1)
-            c_new = torch.addcmul(f * c, i, g)
-            h_new = o * torch.tanh(c_new)
+            h_s, c_s = hs[:, s], cs[:, s]
+            torch.mul(f, c, out=c_s).addcmul_(i, g)  # c = f·c_prev + i·g
+            torch.tanh(c_s, out=h_s).mul_(o)  # h = o·tanh(c)
             if not real[s]:
-                c_new, h_new = _carry(c_new, c, keep[:, s]), _carry(h_new, h, keep[:, s])
-            h, c = h_new, c_new
-            hs.append(h)
-            cs.append(c)
-            acts.append(a)
-        hs, cs, acts = torch.stack(hs, 1), torch.stack(cs, 1), torch.stack(acts, 1)
-        ctx.save_for_backward(w_hh, h0, c0, hs, cs, acts, keep)
-        ctx.real, ctx.shared = real, shared
+                torch.where(keep[:, s], c_s, c, out=c_s)
+                torch.where(keep[:, s], h_s, h, out=h_s)
+            h, c = h_s, c_s
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, hs, cs, acts, keep)
+        ctx.real, ctx.ih_shared, ctx.hh_shared = real, ih_shared, hh_shared
         ctx.set_materialize_grads(False)
         return hs, cs, acts
 
     @staticmethod
     def backward(ctx, d_hs: Tensor | None, d_cs: Tensor | None, d_acts: Tensor | None):
-        w_hh, h0, c0, hs, cs, acts, keep = ctx.saved_tensors
-        length = hs.shape[1]
-        w = w_hh[0] if ctx.shared else w_hh
+        x, w_ih, w_hh, h0, c0, hs, cs, acts, keep = ctx.saved_tensors
+        t, b, length, d = x.shape
 
-        def steps(t: Tensor | None) -> tuple[Tensor | None, ...]:
-            return (None,) * length if t is None else t.unbind(1)
+        def steps(v: Tensor | None) -> tuple[Tensor | None, ...]:
+            return (None,) * length if v is None else v.unbind(1)
 
         d_hs, d_cs, d_acts, cs_s, acts_s = steps(d_hs), steps(d_cs), steps(d_acts), cs.unbind(1), acts.unbind(1)
         dh = dc = None  # gradients flowing into step s from step s + 1
@@ -132,7 +133,7 @@ class _LSTMRecurrence(torch.autograd.Function):
                 m = keep[:, s]
                 dh, dh_keep = (None, None) if dh is None else (torch.where(m, dh, 0.0), torch.where(m, 0.0, dh))
                 dc, dc_keep = (None, None) if dc is None else (torch.where(m, dc, 0.0), torch.where(m, 0.0, dc))
-            dh = torch.zeros_like(c_prev) if dh is None else dh
+            dh = torch.zeros_like(c0) if dh is None else dh
             tanh_c = torch.tanh(cs_s[s])
             dc = _plus(dc, dh * o * (1 - tanh_c * tanh_c))  # h = o·tanh(c)
             dz_s = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
@@ -140,14 +141,23 @@ class _LSTMRecurrence(torch.autograd.Function):
             if d_acts[s] is not None:  # the activated gates are outputs too (double backward reaches them)
                 dz_s = dz_s + d_acts[s] * torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], -1)
             dz[s] = dz_s
-            dh = _plus(_hidden_matmul(dz_s, w), dh_keep)
+            dh = _plus(_rows_matmul(dz_s, w_hh, ctx.hh_shared), dh_keep)
             dc = _plus(dc * f, dc_keep)
-        dz = torch.stack(dz, 1)
-        d_w = None
-        if ctx.needs_input_grad[1]:  # Σ_s dz_s^T h_{s-1}: the steps after the first in one matmul, then step 0
-            d_w = torch.bmm(dz[:, 1:].flatten(1, 2).transpose(1, 2), hs[:, :-1].flatten(1, 2))
-            d_w = torch.baddbmm(d_w, dz[:, 0].transpose(1, 2), h0)
-        return dz, d_w, dh, dc, None, None
+        dz = torch.stack(dz, 1)  # [T, L, B, 4H]
+        dz_rows = dz.view(t, length * b, -1)
+        grads: list[Tensor | None] = [None] * 9
+        grads[5], grads[6] = dh, dc
+        if ctx.needs_input_grad[0]:
+            grads[0] = _rows_matmul(dz_rows, w_ih, ctx.ih_shared).view(t, length, b, d).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            x_rows = x.transpose(1, 2).reshape(t, length * b, d)
+            grads[1] = torch.bmm(x_rows.transpose(1, 2), dz_rows).transpose(1, 2)
+        if ctx.needs_input_grad[2]:  # Σ_s h_{s-1}^T dz_s: the steps after the first in one matmul, then step 0
+            d_w = torch.bmm(hs[:, :-1].flatten(1, 2).transpose(1, 2), dz[:, 1:].flatten(1, 2))
+            grads[2] = torch.baddbmm(d_w, h0.transpose(1, 2), dz[:, 0]).transpose(1, 2)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grads[3] = grads[4] = dz_rows.sum(1)
+        return tuple(grads)
 
 
 def lstm_layer(
@@ -166,14 +176,13 @@ def lstm_layer(
     """
     t, b, length, _ = x.shape
     hidden = w_hh.shape[-1]
-    proj = _time_major_projection(x, w_ih, b_ih + b_hh)
     if state is None:
         h = x.new_zeros(t, b, hidden)
         c = x.new_zeros(t, b, hidden)
     else:
         h, c = state
     keep, real = _step_masks(mask, length)
-    hs, cs, _ = _LSTMRecurrence.apply(proj, w_hh, h, c, keep, real)
+    hs, cs, _ = _LSTMLayer.apply(x, w_ih, w_hh, b_ih, b_hh, h, c, keep, real)
     return hs.transpose(1, 2), (hs[:, -1], cs[:, -1])
 
 

@@ -55,7 +55,7 @@ from metalstm.baselines import (
 )
 from metalstm.data import Split, TaskBatch, collate
 from metalstm.maml import MetaLearner
-from metalstm.models import build_model
+from metalstm.models import Forecaster, build_model
 from metalstm.training import meta_train
 from pipeline.config import FAMILY_MODELS, TrainConfig
 from pipeline.config import validate as validate_train
@@ -262,9 +262,9 @@ class Evaluator:
         m = self.model.metrics(fast, q)
         out = {"loss": self.model.task_loss(fast, q).tolist()}
         pred = None
-        if self.family in ("synthetic", "electricity"):
-            pred = self.model(fast, q.x, q.x_mask)
-            out.update({k: m[k].tolist() for k in ("mse", "nd", "nrmse")})
+        if self.family in ("synthetic", "electricity"):  # forecaster, or the points-layout MLP (mse only)
+            pred = self.model(fast, q.x, q.x_mask) if isinstance(self.model, Forecaster) else None
+            out.update({k: m[k].tolist() for k in ("mse", "nd", "nrmse") if k in m})
         elif self.family == "ptb-char":
             out["bpc"] = m["bpc"].tolist()
         elif self.family == "mt-en-de":
@@ -438,6 +438,8 @@ def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
 
 
 class Experiment:
+    """One experiment: the store, the training tasks in memory, and every method's per-task test results."""
+
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
         from pipeline.taskstore import read_manifest, read_tasks
@@ -730,6 +732,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         if kind == "shots" and len(xs) > 1:
             ax.set_xscale("log")
             ax.set_xticks(xs, [str(v) for v in xs])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

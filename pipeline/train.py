@@ -157,7 +157,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     bucket_bytes = int(cfg.scaling.bucket_mb * 2**20)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # query-loss sum, support-loss sum, task count
-    window = {"tasks": 0, "time": 0.0, "allreduce": 0.0, "loss": 0.0, "support": 0.0, "n": 0}
+    window = {"tasks": 0, "time": 0.0, "allreduce": 0.0, "wait": 0.0, "loss": 0.0, "support": 0.0, "n": 0}
     local_ids: list[str] = []
     while step < cfg.schedule.meta_steps:
         t0 = time.perf_counter()
@@ -174,7 +174,9 @@ def train_func(config: dict[str, Any]) -> None:
             stats[1] = result.support_curve[0].sum() if result.support_curve else 0.0
             stats[2] = len(tasks)
         t1 = time.perf_counter()
-        allreduce_sum([p.grad for p in params] + [stats], bucket_bytes)
+        allreduce_sum([stats], bucket_bytes)  # tiny: also where workers wait for the slowest one
+        t_wait = time.perf_counter()
+        allreduce_sum([p.grad for p in params], bucket_bytes)
         t2 = time.perf_counter()
         count = float(stats[2])
         for p in params:
@@ -185,7 +187,8 @@ def train_func(config: dict[str, Any]) -> None:
         step += 1
         t3 = time.perf_counter()
         window = {"tasks": window["tasks"] + count, "time": window["time"] + (t3 - t0),
-                  "allreduce": window["allreduce"] + (t2 - t1), "loss": window["loss"] + float(stats[0]),
+                  "allreduce": window["allreduce"] + (t2 - t_wait), "wait": window["wait"] + (t_wait - t1),
+                  "loss": window["loss"] + float(stats[0]),
                   "support": window["support"] + float(stats[1]), "n": window["n"] + 1}
 
         last = step == cfg.schedule.meta_steps
@@ -193,12 +196,14 @@ def train_func(config: dict[str, Any]) -> None:
             row = {"step": step, "train_loss": window["loss"] / max(window["tasks"], 1),
                    "train_support_loss": window["support"] / max(window["tasks"], 1),
                    "tasks_per_s": window["tasks"] / max(window["time"], 1e-9),
-                   "allreduce_share": window["allreduce"] / max(window["time"], 1e-9)}
+                   "allreduce_share": window["allreduce"] / max(window["time"], 1e-9),
+                   "straggler_wait_share": window["wait"] / max(window["time"], 1e-9)}
             window = {k: 0 for k in window}
             if rank == 0:
-                log.info("step %d/%d  meta-train loss %.4f  support loss %.4f  %.1f tasks/s  all-reduce %.1f%%",
-                         step, cfg.schedule.meta_steps, row["train_loss"], row["train_support_loss"],
-                         row["tasks_per_s"], 100 * row["allreduce_share"])
+                log.info("step %d/%d  meta-train loss %.4f  support loss %.4f  %.1f tasks/s  all-reduce %.1f%%  "
+                         "waiting for stragglers %.1f%%", step, cfg.schedule.meta_steps, row["train_loss"],
+                         row["train_support_loss"], row["tasks_per_s"], 100 * row["allreduce_share"],
+                         100 * row["straggler_wait_share"])
                 history.append(row)
                 if tracker:
                     tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)

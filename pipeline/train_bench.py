@@ -38,11 +38,13 @@ def _run(workers: int, opts: dict[str, str], store: str, storage: str) -> dict[s
     rows = ckpt["extra"]["history"][1:] or ckpt["extra"]["history"]  # drop the warm-up window
     tasks_per_s = sum(r["tasks_per_s"] for r in rows) / len(rows)
     share = sum(r["allreduce_share"] for r in rows) / len(rows)
+    wait = sum(r.get("straggler_wait_share", 0.0) for r in rows) / len(rows)
     numel = sum(v.numel() for v in ckpt["state_dict"].values())
     element = next(iter(ckpt["state_dict"].values())).element_size()
     return {"workers": workers, "tasks_per_s": round(tasks_per_s, 2),
             "meta_steps_per_s": round(tasks_per_s / cfg.schedule.meta_batch_size, 3),
-            "allreduce_share": round(share, 4), "allreduce_bytes_per_step": numel * element + 3 * 8,
+            "allreduce_share": round(share, 4), "straggler_wait_share": round(wait, 4),
+            "allreduce_bytes_per_step": numel * element + 3 * 8,
             "parameters": numel, "wall_s_including_startup": round(wall, 1)}
 
 

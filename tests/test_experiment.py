@@ -168,6 +168,24 @@ def test_report_plots_and_markdown_block(tiny_run):
     assert again.count("experiment:sinusoid:begin") == 1
 
 
+def test_merging_per_seed_runs_gives_the_same_summary(tiny_run):
+    from pipeline.experiment import merge_results
+
+    res = tiny_run["results"]
+    parts = []
+    for seed in (0, 1):
+        part = {**res, "config": {**res["config"], "seeds": [seed]}}
+        for key in ("rows", "pooled_rows", "compute"):
+            part[key] = [r for r in res[key] if r.get("seed") == seed]
+        part["selected"] = [r for r in res["selected"] if r.get("seed") == seed]
+        parts.append(part)
+    merged = merge_results(parts)
+    assert merged["config"]["seeds"] == [0, 1] and merged["parallel_runs"] == 2
+    assert merged["summary"] == res["summary"] and merged["paired"] == res["paired"]
+    with pytest.raises(ValueError, match="seeds overlap"):
+        merge_results([parts[0], parts[0]])
+
+
 def test_results_are_logged_to_mlflow(tiny_run):
     from mlflow.tracking import MlflowClient
 

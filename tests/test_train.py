@@ -176,3 +176,26 @@ def test_bad_config_fails_before_ray(tmp_path):
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")
+                                        if not p.name.startswith("experiment_")))
+def test_shipped_train_configs_validate(path):
+    cfg = load_config(REPO / "configs" / path)
+    assert cfg.schedule.meta_steps >= 1
+
+
+def test_warm_start_initialises_theta(ray_cluster, store, tmp_path):
+    """``checkpoint.warm_start`` starts θ from another checkpoint (a tiny step keeps it there)."""
+    from metalstm import MAMLConfig, save_checkpoint
+    from pipeline.taskstore import read_manifest
+
+    cfg = _config(store, tmp_path, name="warm", **{"schedule.meta_steps": 1, "schedule.meta_batch_size": 2,
+                                                   "scaling.num_workers": 1, "optim.lr": 1e-12})
+    apply_manifest(cfg, read_manifest(store))
+    torch.manual_seed(1234)  # a different init from the run's seed
+    donor = MetaLearner(build_model(cfg.model), MAMLConfig(**vars(cfg.maml))).double()
+    cfg.checkpoint.warm_start = str(save_checkpoint(tmp_path / "donor.pt", donor, cfg.model))
+    final = _final(train(cfg))
+    for name, value in donor.state_dict().items():
+        torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=1e-9)

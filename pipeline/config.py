@@ -93,42 +93,41 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-def _check(cond: bool, key: str, message: str, value: Any) -> None:
+def check(cond: bool, key: str, message: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"config key {key}: {message}, got {value!r}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Value checks OmegaConf's types cannot express."""
-    _check(cfg.dtype in ("float32", "float64"), "dtype", "expected float32 or float64", cfg.dtype)
-    _check(cfg.model.kind in ("mlp", "forecaster", "char_lm", "seq2seq"), "model.kind",
+    check(cfg.dtype in ("float32", "float64"), "dtype", "expected float32 or float64", cfg.dtype)
+    check(cfg.model.kind in ("mlp", "forecaster", "char_lm", "seq2seq"), "model.kind",
            "expected mlp, forecaster, char_lm or seq2seq", cfg.model.kind)
-    _check(cfg.model.cell in ("lstm", "gru"), "model.cell", "expected lstm or gru", cfg.model.cell)
+    check(cfg.model.cell in ("lstm", "gru"), "model.cell", "expected lstm or gru", cfg.model.cell)
     for key in ("model.hidden_size", "model.num_layers", "schedule.meta_steps", "schedule.meta_batch_size",
                 "scaling.num_workers", "checkpoint.num_to_keep", "schedule.log_every"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value >= 1, key, "must be >= 1", value)
+        check(value >= 1, key, "must be >= 1", value)
     for key in ("schedule.val_every", "schedule.val_tasks", "scaling.max_failures", "optim.weight_decay",
                 "optim.grad_clip"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value >= 0, key, "must be >= 0", value)
-    _check(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
-    _check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0", cfg.scaling.cpus_per_worker)
-    _check(cfg.maml.inner_steps >= 0, "maml.inner_steps", "must be >= 0", cfg.maml.inner_steps)
-    _check(cfg.maml.inner_lr > 0, "maml.inner_lr", "must be > 0", cfg.maml.inner_lr)
-    _check(cfg.data.synthetic.layout in ("sequence", "points"), "data.synthetic.layout",
+        check(value >= 0, key, "must be >= 0", value)
+    check(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
+    check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0", cfg.scaling.cpus_per_worker)
+    check(cfg.maml.inner_steps >= 0, "maml.inner_steps", "must be >= 0", cfg.maml.inner_steps)
+    check(cfg.maml.inner_lr > 0, "maml.inner_lr", "must be > 0", cfg.maml.inner_lr)
+    check(cfg.data.synthetic.layout in ("sequence", "points"), "data.synthetic.layout",
            "expected sequence or points", cfg.data.synthetic.layout)
-    _check(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'", cfg.name)
+    check(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'", cfg.name)
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults ← YAML file ← ``key=value`` overrides, type-checked and validated; errors name the key."""
-    schema = OmegaConf.structured(TrainConfig)
+def load_structured(schema: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults ← YAML file ← ``key=value`` overrides for any structured schema; type errors name the key."""
     try:
-        layers = [schema]
+        layers = [OmegaConf.structured(schema)]
         if path:
             p = Path(path)
             if not p.is_file():
@@ -138,13 +137,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if "=" not in item:
                 raise ValueError(f"override {item!r}: expected key=value")
         layers.append(OmegaConf.from_dotlist(list(overrides or [])))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         reason = str(e).splitlines()[0]
         raise ValueError(f"config key {key}: {reason}" if key else f"config: {reason}") from None
-    return validate(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The training config: defaults ← YAML ← overrides, type-checked and validated; errors name the key."""
+    return validate(load_structured(TrainConfig, path, overrides))
+
+
+def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any], prefix: str = "") -> None:
+    """The task store decides the data dimensions (and the model kind its family needs); the config the rest."""
+    family = manifest["family"]
+    allowed = FAMILY_MODELS.get(family, ())
+    features = manifest.get("features", {})
+    if family == "synthetic":
+        cfg.model.kind = "mlp" if features.get("layout") == "points" else "forecaster"
+    if cfg.model.kind not in allowed:
+        if len(allowed) != 1:
+            raise ValueError(f"config key {prefix}model.kind: {cfg.model.kind!r} cannot train on a {family!r} "
+                             f"store (expected one of {list(allowed)})")
+        cfg.model.kind = allowed[0]
+    for key in ("input_size", "output_size", "horizon", "vocab_size", "tgt_vocab_size"):
+        if key in features:
+            setattr(cfg.model, key, int(features[key]))
+    if "src_vocab_size" in features:
+        cfg.model.vocab_size = int(features["src_vocab_size"])
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from metalstm import losses
 from metalstm.baselines import (
@@ -57,7 +56,7 @@ from metalstm.data import Split, TaskBatch, collate
 from metalstm.maml import MetaLearner
 from metalstm.models import Forecaster, build_model
 from metalstm.training import meta_train
-from pipeline.config import FAMILY_MODELS, TrainConfig
+from pipeline.config import TrainConfig, apply_manifest, check, load_structured
 from pipeline.config import validate as validate_train
 
 log = logging.getLogger(__name__)
@@ -127,65 +126,44 @@ class ExperimentConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-def _check(cond: bool, key: str, message: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"config key {key}: {message}, got {value!r}")
-
-
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     validate_train(cfg.train)
-    _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name)), "name", "must be letters, digits, _ . -", cfg.name)
-    _check(len(cfg.shots) > 0 and all(k >= 1 for k in cfg.shots), "shots", "need a non-empty list of K >= 1",
+    check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name)), "name", "must be letters, digits, _ . -", cfg.name)
+    check(len(cfg.shots) > 0 and all(k >= 1 for k in cfg.shots), "shots", "need a non-empty list of K >= 1",
            cfg.shots)
-    _check(all(k >= 1 for k in cfg.train_shots), "train_shots", "need K >= 1", cfg.train_shots)
-    _check(len(cfg.steps) > 0 and all(k >= 0 for k in cfg.steps), "steps", "need a non-empty list of k >= 0",
+    check(all(k >= 1 for k in cfg.train_shots), "train_shots", "need K >= 1", cfg.train_shots)
+    check(len(cfg.steps) > 0 and all(k >= 0 for k in cfg.steps), "steps", "need a non-empty list of k >= 0",
            cfg.steps)
-    _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "expected cpu or cuda[:N]", cfg.device)
-    _check(cfg.report_steps in cfg.steps, "report_steps", f"must be one of steps {cfg.steps}", cfg.report_steps)
-    _check(len(cfg.seeds) >= 1, "seeds", "need at least one seed", cfg.seeds)
-    _check(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", "must be distinct", cfg.seeds)
+    check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "expected cpu or cuda[:N]", cfg.device)
+    check(cfg.report_steps in cfg.steps, "report_steps", f"must be one of steps {cfg.steps}", cfg.report_steps)
+    check(len(cfg.seeds) >= 1, "seeds", "need at least one seed", cfg.seeds)
+    check(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", "must be distinct", cfg.seeds)
     bad = sorted(set(cfg.methods) - set(METHODS))
-    _check(not bad and len(cfg.methods) > 0, "methods", f"expected a non-empty subset of {list(METHODS)}",
+    check(not bad and len(cfg.methods) > 0, "methods", f"expected a non-empty subset of {list(METHODS)}",
            cfg.methods)
     for key in ("test_tasks", "val_every", "threads"):
-        _check(getattr(cfg, key) >= 0, key, "must be >= 0", getattr(cfg, key))
+        check(getattr(cfg, key) >= 0, key, "must be >= 0", getattr(cfg, key))
     for key in ("val_tasks", "eval_batch", "max_len", "beam"):
-        _check(getattr(cfg, key) >= 1, key, "must be >= 1", getattr(cfg, key))
+        check(getattr(cfg, key) >= 1, key, "must be >= 1", getattr(cfg, key))
     b = cfg.baselines
     for key in ("pretrain_steps", "scratch_steps"):
-        _check(getattr(b, key) >= 0, f"baselines.{key}", "must be >= 0", getattr(b, key))
+        check(getattr(b, key) >= 0, f"baselines.{key}", "must be >= 0", getattr(b, key))
     for key in ("pretrain_batch", "season"):
-        _check(getattr(b, key) >= 1, f"baselines.{key}", "must be >= 1", getattr(b, key))
-    _check(b.pretrain_lr > 0, "baselines.pretrain_lr", "must be > 0", b.pretrain_lr)
+        check(getattr(b, key) >= 1, f"baselines.{key}", "must be >= 1", getattr(b, key))
+    check(b.pretrain_lr > 0, "baselines.pretrain_lr", "must be > 0", b.pretrain_lr)
     for key in ("finetune_lrs", "scratch_lrs"):
         v = getattr(b, key)
-        _check(len(v) > 0 and all(x > 0 for x in v), f"baselines.{key}", "need a non-empty list of rates > 0", v)
-    _check(len(b.ngram_orders) > 0 and all(1 <= n <= 12 for n in b.ngram_orders), "baselines.ngram_orders",
+        check(len(v) > 0 and all(x > 0 for x in v), f"baselines.{key}", "need a non-empty list of rates > 0", v)
+    check(len(b.ngram_orders) > 0 and all(1 <= n <= 12 for n in b.ngram_orders), "baselines.ngram_orders",
            "need orders in [1, 12]", b.ngram_orders)
-    _check(bool(cfg.store.uri) or cfg.store.family in FAMILY_METRICS, "store.family",
+    check(bool(cfg.store.uri) or cfg.store.family in FAMILY_METRICS, "store.family",
            f"expected one of {list(FAMILY_METRICS)}", cfg.store.family)
     return cfg
 
 
 def load_experiment_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Defaults ← YAML ← ``key=value`` overrides (OmegaConf structured); errors name the key."""
-    try:
-        layers = [OmegaConf.structured(ExperimentConfig)]
-        if path:
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"config file {p} does not exist")
-            layers.append(OmegaConf.load(p))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"override {item!r}: expected key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
-        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        reason = str(e).splitlines()[0]
-        raise ValueError(f"config key {key}: {reason}" if key else f"config: {reason}") from None
-    return validate(cfg)
+    return validate(load_structured(ExperimentConfig, path, overrides))
 
 
 def _config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -419,24 +397,6 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the experiment
 
 
-def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """The store decides the data dimensions (as ``pipeline.train.apply_manifest``, which imports MLflow)."""
-    family, features = manifest["family"], manifest.get("features", {})
-    allowed = FAMILY_MODELS.get(family, ())
-    if family == "synthetic":
-        cfg.model.kind = "mlp" if features.get("layout") == "points" else "forecaster"
-    if cfg.model.kind not in allowed:
-        if len(allowed) != 1:
-            raise ValueError(f"config key train.model.kind: {cfg.model.kind!r} cannot run on a {family!r} store "
-                             f"(expected one of {list(allowed)})")
-        cfg.model.kind = allowed[0]
-    for key in ("input_size", "output_size", "horizon", "vocab_size", "tgt_vocab_size"):
-        if key in features:
-            setattr(cfg.model, key, int(features[key]))
-    if "src_vocab_size" in features:
-        cfg.model.vocab_size = int(features["src_vocab_size"])
-
-
 class Experiment:
     """One experiment: the store, the training tasks in memory, and every method's per-task test results."""
 
@@ -447,7 +407,7 @@ class Experiment:
         self.uri = prepare_store(cfg.store)
         self.manifest = read_manifest(self.uri)
         self.family = self.manifest["family"]
-        apply_manifest(cfg.train, self.manifest)
+        apply_manifest(cfg.train, self.manifest, prefix="train.")
         self.dtype = getattr(torch, cfg.train.dtype)
         t0 = time.perf_counter()
         self.train_tasks = read_tasks(self.uri, cfg.train.data.train_split)
@@ -727,8 +687,9 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("support examples K" if kind == "shots" else "inner steps k")
         ax.set_ylabel(key.replace("_", " ") + (" (higher is better)" if metric in HIGHER_IS_BETTER else ""))
         where = f"k = {cfg['report_steps']} inner steps" if kind == "shots" else f"K = {max(cfg['shots'])}"
-        ax.set_title(f"{results['title']}: {key} vs {'shots' if kind == 'shots' else 'inner steps'} ({where})",
+        ax.set_title(f"{results['name']}: {key} vs {'shots' if kind == 'shots' else 'inner steps'} ({where})",
                      fontsize=9)
+        ax.set_xticks(xs, [str(v) for v in xs])
         if kind == "shots" and len(xs) > 1:
             ax.set_xscale("log")
             ax.set_xticks(xs, [str(v) for v in xs])

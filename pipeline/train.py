@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from metalstm import MetaLearner, build_model, collate, learner_from_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import FAMILY_MODELS, TrainConfig, from_dict, load_config, to_dict
-from pipeline.registry import adaptation_curve, evaluate_learner
+from pipeline.config import TrainConfig, apply_manifest, from_dict, load_config, to_dict
 
 log = logging.getLogger("metalstm.train")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -100,6 +99,8 @@ def train_func(config: dict[str, Any]) -> None:
     """One Ray Train worker: meta-train θ on this worker's slice of every meta-batch."""
     import ray.train
     import ray.train.torch
+
+    from pipeline.registry import adaptation_curve, evaluate_learner
 
     cfg: TrainConfig = from_dict(config["train"])
     if not log.handlers:  # worker processes start without logging configured; progress goes to the job log
@@ -310,26 +311,6 @@ def prepare_store(cfg: TrainConfig) -> str:
         build_synthetic(uri, layout=s.layout, train_tasks=s.train_tasks, val_tasks=s.val_tasks,
                         test_tasks=s.test_tasks, seed=s.seed)
     return uri
-
-
-def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """The store decides the data dimensions; the config decides the rest."""
-    family = manifest["family"]
-    allowed = FAMILY_MODELS.get(family, ())
-    features = manifest.get("features", {})
-    if family == "synthetic":
-        cfg.model.kind = "mlp" if features.get("layout") == "points" else "forecaster"
-    if cfg.model.kind not in allowed:
-        if len(allowed) == 1:
-            cfg.model.kind = allowed[0]
-        else:
-            raise ValueError(f"config key model.kind: {cfg.model.kind!r} cannot train on a {family!r} store "
-                             f"(expected one of {list(allowed)})")
-    for key in ("input_size", "output_size", "horizon", "vocab_size", "tgt_vocab_size"):
-        if key in features:
-            setattr(cfg.model, key, int(features[key]))
-    if "src_vocab_size" in features:
-        cfg.model.vocab_size = int(features["src_vocab_size"])
 
 
 def _tracking_setup(cfg: TrainConfig, store_uri: str, manifest: dict[str, Any]) -> dict[str, Any] | None:

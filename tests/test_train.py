@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from metalstm import MetaLearner, build_model, collate, load_checkpoint
-from pipeline.config import load_config
-from pipeline.train import CHECKPOINT_FILE, apply_manifest, split_sizes, train
+from pipeline.config import apply_manifest, load_config
+from pipeline.train import CHECKPOINT_FILE, split_sizes, train
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]

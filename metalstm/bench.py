@@ -15,12 +15,19 @@ Measurements (all reported in the JSON, with the method strings):
   Both implementations do the same maths, so GFLOP/s = that count / each one's median time.
 - peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one meta-step minus what was allocated
   before it; on CPU, the same quantity from the PyTorch profiler's allocator events (``profile_memory``):
-  the high-water mark of live tensor bytes allocated during the step (untimed run).
+  the high-water mark of live tensor bytes allocated during the step (untimed run). The naive loop frees
+  each task's graph before the next task, so its peak is one task's; the project holds all tasks at once.
+
+On CPU the project's implementation allocates tens of MB per layer call; with glibc's default settings
+those blocks often go back to the OS when freed and page-fault in again on the next step. ``malloc=retain``
+measures with that turned off (see ``_retain_freed_memory``); the default leaves the allocator alone.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -41,11 +48,23 @@ DEFAULTS = {
     "device": "cpu", "dtype": "float32", "cell": "lstm", "tasks": "32", "hidden": "128", "layers": "1",
     "support": "10", "query": "10", "length": "48", "input": "1", "horizon": "24", "steps": "1,5",
     "orders": "second,first", "inner_lr": "0.01", "repeats": "3", "warmup": "1", "threads": "0", "memory": "1",
-    "seed": "0",
+    "seed": "0", "malloc": "system",
 }
 # The issue's targets (speed-up over the naive loop); on CUDA the 10x target is the second-order one.
 TARGETS = {"cpu": {"second": 5.0, "first": 1.5}, "cuda": {"second": 10.0, "first": 1.5}}
 GRAD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-8}
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _baddbmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+# FlopCounterMode knows addmm and baddbmm but not their in-place forms, which the LSTM node's forward uses
+IN_PLACE_MATMUL_FLOPS = {torch.ops.aten.addmm_: _addmm_flops, torch.ops.aten.baddbmm_: _baddbmm_flops}
 
 
 class NaiveForecaster(nn.Module):
@@ -80,6 +99,12 @@ def _choices(opts: dict[str, str], key: str, allowed: tuple[str, ...]) -> list[s
     return values
 
 
+def _one_of(opts: dict[str, str], key: str, allowed: tuple[str, ...]) -> str:
+    if opts[key] not in allowed:
+        raise ValueError(f"bench maml {key}: expected one of {list(allowed)}, got {opts[key]!r}")
+    return opts[key]
+
+
 def parse_options(options: dict[str, str]) -> dict:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
@@ -90,8 +115,7 @@ def parse_options(options: dict[str, str]) -> dict:
         raise ValueError(f"bench maml device: expected cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("bench maml device: CUDA was asked for but torch.cuda.is_available() is False")
-    if opts["dtype"] not in ("float32", "float64"):
-        raise ValueError(f"bench maml dtype: expected float32 or float64, got {opts['dtype']!r}")
+    _one_of(opts, "dtype", ("float32", "float64"))
     try:
         inner_lr = float(opts["inner_lr"])
     except ValueError:
@@ -104,7 +128,7 @@ def parse_options(options: dict[str, str]) -> dict:
             raise ValueError(f"bench maml steps: expected comma-separated integers in [1, 20], got {opts['steps']!r}")
         steps.append(int(s))
     return {
-        "device": device, "dtype": getattr(torch, opts["dtype"]), "cell": _choices(opts, "cell", ("lstm", "gru"))[0],
+        "device": device, "dtype": getattr(torch, opts["dtype"]), "cell": _one_of(opts, "cell", ("lstm", "gru")),
         "tasks": _int(opts, "tasks", 1, 4096), "hidden": _int(opts, "hidden", 1, 4096),
         "layers": _int(opts, "layers", 1, 8), "support": _int(opts, "support", 1, 4096),
         "query": _int(opts, "query", 1, 4096), "length": _int(opts, "length", 1, 10_000),
@@ -112,7 +136,7 @@ def parse_options(options: dict[str, str]) -> dict:
         "orders": _choices(opts, "orders", ("second", "first")), "inner_lr": inner_lr,
         "repeats": _int(opts, "repeats", 1, 1000), "warmup": _int(opts, "warmup", 0, 100),
         "threads": _int(opts, "threads", 0, 1024), "memory": bool(_int(opts, "memory", 0, 1)),
-        "seed": _int(opts, "seed", 0, 2**31 - 1),
+        "seed": _int(opts, "seed", 0, 2**31 - 1), "malloc": _one_of(opts, "malloc", ("system", "retain")),
     }
 
 
@@ -155,8 +179,9 @@ def naive_step(ref: nn.Module, batch: TaskBatch, steps: int, lr: float,
 
     def step() -> list[Tensor]:
         total = [torch.zeros_like(p) for p in theta.values()]
-        # cuDNN's RNN has no double backward; the naive second-order loop must run PyTorch's own kernels on CUDA
-        with torch.backends.cudnn.flags(enabled=not (cuda and not first_order)):
+        # cuDNN's RNN has no double backward: the naive second-order loop must run PyTorch's own kernels on CUDA.
+        # First-order may use cuDNN (its fastest option), in full fp32 like the project (no TF32)
+        with torch.backends.cudnn.flags(enabled=not (cuda and not first_order), allow_tf32=False):
             for t in range(batch.num_tasks):
                 fast = dict(theta)
                 for _ in range(steps):
@@ -205,12 +230,38 @@ def peak_memory_bytes(fn: Callable[[], list[Tensor]], device: str) -> int:
     return peak
 
 
+def _retain_freed_memory() -> None:
+    """glibc only: serve large blocks from the heap and never trim it, so freed tensor memory is reused instead
+    of going back to the OS and page-faulting in again (what jemalloc/tcmalloc do; the same as starting with
+    ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648``). Process-wide, for this run only."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 1 << 30) == 1 and libc.mallopt(-1, 1 << 31) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError("bench maml malloc=retain: needs glibc's mallopt (Linux); use malloc=system")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def _max_rel_err(got: list[Tensor], want: list[Tensor]) -> float:
     return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, want))
 
 
 def bench(options: dict[str, str]) -> dict:
     cfg = parse_options(options)
+    load_before = os.getloadavg()
+    if cfg["malloc"] == "retain":
+        _retain_freed_memory()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device, dtype = cfg["device"], cfg["dtype"]
@@ -230,7 +281,7 @@ def bench(options: dict[str, str]) -> dict:
                      "naive": naive_step(ref, batch, steps, cfg["inner_lr"], first_order)}
             log.info("maml bench: %s-order, %d inner step(s)", order, steps)
             err = _max_rel_err(impls["project"](), impls["naive"]())
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=IN_PLACE_MATMUL_FLOPS) as counter:
                 impls["project"]()
             flops = counter.get_total_flops()
             for _ in range(cfg["warmup"]):
@@ -240,7 +291,8 @@ def bench(options: dict[str, str]) -> dict:
             for _ in range(cfg["repeats"]):
                 for name, fn in impls.items():
                     times[name].append(_timed(fn, device))
-            case = {"order": order, "inner_steps": steps, "gflop_per_meta_step": round(flops / 1e9, 3),
+            case = {"order": order, "inner_steps": steps, "flop_per_meta_step": flops,
+                    "gflop_per_meta_step": round(flops / 1e9, 3),
                     "grad_max_rel_err": err, "grads_agree": err <= GRAD_RTOL[dtype]}
             for name, fn in impls.items():
                 median = statistics.median(times[name])
@@ -259,13 +311,16 @@ def bench(options: dict[str, str]) -> dict:
     return {
         "benchmark": "maml",
         "device": device,
-        "device_name": torch.cuda.get_device_name(device) if kind == "cuda" else "cpu",
+        "device_name": torch.cuda.get_device_name(device) if kind == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "config": {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in cfg.items()},
         "model": "forecaster",
         "timing": f"median of {cfg['repeats']} meta-steps after {cfg['warmup']} warm-up, implementations interleaved",
-        "flops": "matmul FLOPs of one meta-step, FlopCounterMode on the project's implementation",
+        "flops": "matmul FLOPs of one meta-step, FlopCounterMode (+ in-place addmm_/baddbmm_) on the project's "
+                 "implementation; the same count divides both times",
         "memory": ("torch.cuda.max_memory_allocated above the start" if kind == "cuda"
                    else "PyTorch profiler allocator events: high-water mark of bytes allocated during one step"),
         "cases": cases,

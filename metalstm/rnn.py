@@ -4,6 +4,9 @@ Every weight carries a leading task dimension ``T``: task ``t`` runs with its ow
 all tasks advance together through batched matmuls. Nothing here calls cuDNN's RNN kernels, so the
 whole graph supports double backward (second-order MAML) on CPU and CUDA alike.
 
+The LSTM layer is one autograd node (``_LSTMLayer``) whose backward is itself written in differentiable
+ops: MAML's hot path, built for speed. The GRU is plain autograd over per-step ops.
+
 Shapes: inputs ``[T, B, L, D]`` (tasks, sequences per task, time, features); masks ``[T, B, L]``
 (1 = real step). On padded steps the state is carried unchanged, so right-padding never alters the
 outputs at real steps nor the final state.
@@ -32,15 +35,16 @@ def _shared(w: Tensor) -> bool:
 
 
 def _step_masks(mask: Tensor | None, length: int) -> tuple[Tensor | None, tuple[bool, ...]]:
-    """``mask [T, B, L]`` as a bool ``[T, L, B, 1]`` plus, per step, whether every sequence is real there.
+    """``mask [T, B, L]`` as a bool ``[L, T, B, 1]`` plus, per step, whether every sequence is real there.
 
     Steps where every sequence is real (all of them when sequences are right-padded to a common length)
     skip the masking ops entirely; only the ragged tail pays for them.
     """
     if mask is None:
         return None, (True,) * length
-    keep = (mask != 0).transpose(1, 2).unsqueeze(-1)
-    return keep, tuple(keep.all(dim=(0, 2, 3)).tolist())
+    keep = (mask != 0).permute(2, 0, 1).unsqueeze(-1)
+    real = tuple(keep.all(dim=(1, 2, 3)).tolist())
+    return (None, real) if all(real) else (keep, real)
 
 
 def _carry(new: Tensor, old: Tensor, keep: Tensor | None) -> Tensor:
@@ -60,10 +64,20 @@ def _rows_matmul(rows: Tensor, w: Tensor) -> Tensor:
     return torch.bmm(rows, w)
 
 
+def _matmul_acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """``acc + a @ b`` (batched) in one fused op; in place unless autograd is recording (create_graph)."""
+    if acc is None:
+        return torch.bmm(a, b)
+    return torch.baddbmm(acc, a, b) if torch.is_grad_enabled() else acc.baddbmm_(a, b)
+
+
 def _one_or_each(w: Tensor, shared: bool) -> Tensor:
     """The matrix every task shares, else the per-task stack. Select once per layer, never per step: in
     double backward each ``w[0]`` would cost a zero tensor the size of all tasks' weights."""
     return w[0] if shared else w
+
+
+_BLOCK = 8  # steps whose gate gradients the LSTM backward folds into the weight gradients at once
 
 
 def _gates(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -74,21 +88,24 @@ def _gates(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 class _LSTMLayer(torch.autograd.Function):
     """One task-batched LSTM layer over all steps, as a single autograd node.
 
-    Outputs, laid out ``[T, L, B, ·]`` (each step one block per task): every step's ``h`` and ``c``, the
-    activated gates ``a = (i, f, g, o)``, and two local derivatives that the backward needs at every step:
-    ``coef = (g·σ'(i), c_prev·σ'(f), i·tanh'(g), tanh(c)·σ'(o))`` (so that ∂loss/∂pre-activations is
-    ``[dc, dc, dc, dh] ⊙ coef``) and ``q = o·tanh'(c)`` (so that ``dc += dh ⊙ q``).
+    Outputs: every step's ``h`` and ``c`` (``[T, L, B, H]``: each task's rows form one matrix for the
+    weight gradients), the activated gates ``a = (i, f, g, o)`` and two local derivatives the backward
+    needs at every step (``[L, T, B, ·]``: each step one contiguous block), and the final ``h``, ``c``:
+
+    - ``coef = (g·σ'(i), c_prev·σ'(f), i·tanh'(g), tanh(c)·σ'(o))``, so that ∂/∂(pre-activations) is
+      ``[dc, dc, dc, dh] ⊙ coef``;
+    - ``q = o·tanh'(c)``, so that ``dc += dh ⊙ q``.
 
     The backward is the exact vector-Jacobian product written with differentiable torch ops on the saved
     inputs *and outputs* (saved outputs are part of the graph), so autograd differentiates it again for
-    second-order MAML. Precomputing ``coef`` and ``q`` in the forward (no graph, in place) leaves the
-    backward's recurrence six ops per step, which is what double backward has to differentiate. This
-    node exists for speed:
+    second-order MAML; gradients reaching ``coef`` and ``q`` that way are folded back by ``_local_vjp``.
+    Everything here is for speed on top of plain autograd:
 
-    - the forward records no graph: it writes the gates into the input projection's buffer and the
-      states into preallocated outputs;
-    - the weight gradients are one ``[L·B, ·]^T @ [L·B, 4H]`` matmul per task (not ``L`` per-step outer
-      products summed one by one), the bias gradient one sum, the input gradient one matmul;
+    - the forward records no graph: a few in-place ops per step into preallocated outputs, ``coef`` and
+      ``q`` included, which leaves the backward's recurrence (what double backward differentiates) at
+      six ops per step;
+    - the weight, bias and input gradients are a few large matmuls over blocks of ``_BLOCK`` steps
+      (``[4H, n·B] @ [n·B, ·]`` per task), not ``L`` per-step outer products summed one by one;
     - when all tasks hold the same weights (θ broadcast before the first inner step: stride 0), each step
       is one plain matmul over all ``T·B`` rows. The returned weight gradients are still per task (each
       computed from that task's rows); only the graph recorded for double backward routes through the
@@ -102,17 +119,24 @@ class _LSTMLayer(torch.autograd.Function):
         hidden = w_hh.shape[-1]
         ih_shared = _shared(w_ih) and _shared(b_ih) and _shared(b_hh)
         hh_shared = _shared(w_hh)
-        # every step's x @ W_ih^T + b in one matmul, time-major per task; the gates are computed in place here
-        x_rows = x.transpose(1, 2).reshape(t, length * b, d)
-        acts = _rows_matmul(x_rows, _one_or_each(w_ih.transpose(1, 2), ih_shared)).add_((b_ih + b_hh).unsqueeze(1))
-        acts = acts.view(t, length, b, 4 * hidden)
-        hs, cs, q = (x.new_empty(t, length, b, hidden) for _ in range(3))
-        coef = torch.empty_like(acts)
+        # every step's x @ W_ih^T + b: the gates are then computed in place in this buffer
+        if ih_shared:
+            x_rows = x.permute(2, 0, 1, 3).reshape(length * t * b, d)
+            acts = torch.addmm(b_ih[0] + b_hh[0], x_rows, w_ih[0].t()).view(length, t, b, 4 * hidden)
+        else:  # one batched matmul (each task's rows), then the bias added on the way into the time-major layout
+            x_rows = x.transpose(1, 2).reshape(t, length * b, d)
+            proj = torch.bmm(x_rows, w_ih.transpose(1, 2)).view(t, length, b, 4 * hidden).transpose(0, 1)
+            acts = torch.add(proj, (b_ih + b_hh)[:, None], out=x.new_empty(length, t, b, 4 * hidden))
+        coef, q = torch.empty_like(acts), acts.new_empty(length, t, b, hidden)
+        hs, cs = x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)
         w = w_hh[0].t() if hh_shared else w_hh.transpose(1, 2).contiguous()
-        steps = zip(acts.unbind(1), coef.unbind(1), hs.unbind(1), cs.unbind(1), q.unbind(1))
+        steps = zip(acts.unbind(0), coef.unbind(0), q.unbind(0), hs.unbind(1), cs.unbind(1))
         h, c = h0, c0
-        for s, (a, k, h_s, c_s, q_s) in enumerate(steps):
-            a.add_(_rows_matmul(h, w))  # (in-place baddbmm_ on this view would loop over tasks)
+        for s, (a, k, q_s, h_s, c_s) in enumerate(steps):
+            if hh_shared:
+                a.view(t * b, -1).addmm_(h.reshape(t * b, hidden), w)
+            else:
+                a.baddbmm_(h, w)
             # one sigmoid over all four gates, with tanh(z) = 2·sigmoid(2z) - 1 for g: tanh on a strided
             # slice is many times slower than sigmoid on the whole contiguous block (CPU, several threads)
             i, f, g, o = _gates(a)
@@ -130,7 +154,7 @@ class _LSTMLayer(torch.autograd.Function):
             torch.addcmul(i, i * g, g, value=-1, out=k_g)  # i·(1 - g²)
             k_o.mul_(tanh_c)
             if not real[s]:  # padded: carry the state; nothing flows through the discarded new one
-                m = keep[:, s]
+                m = keep[s]
                 torch.where(m, c_s, c, out=c_s)
                 torch.where(m, h_s, h, out=h_s)
                 k.masked_fill_(~m, 0.0)
@@ -139,72 +163,79 @@ class _LSTMLayer(torch.autograd.Function):
         ctx.save_for_backward(x, w_ih, w_hh, h0, c0, hs, cs, acts, coef, q, keep)
         ctx.real, ctx.ih_shared, ctx.hh_shared = real, ih_shared, hh_shared
         ctx.set_materialize_grads(False)
-        return hs, cs, acts, coef, q
+        # the final state again as its own outputs: a caller that uses only it (a forecaster) sends no gradient
+        # through ``hs`` and ``cs``, so the backward never adds all-zero per-step gradients
+        return hs, cs, acts, coef, q, h.clone(), c.clone()
 
     @staticmethod
     def backward(ctx, d_hs: Tensor | None, d_cs: Tensor | None, d_acts: Tensor | None, d_coef: Tensor | None,
-                 d_q: Tensor | None):
+                 d_q: Tensor | None, d_h_last: Tensor | None, d_c_last: Tensor | None):
         x, w_ih, w_hh, h0, c0, hs, cs, acts, coef, q, keep = ctx.saved_tensors
         t, b, length, d = x.shape
-        d_c0 = None
-        if d_coef is not None or d_q is not None:  # double backward reached the local derivatives
-            d_acts, d_cs, d_c0 = _local_derivatives_vjp(acts, cs, c0, keep, d_coef, d_q, d_acts, d_cs)
-        if d_acts is not None:  # through the activations: d(pre-activation) = d(activation)·act'
-            i, f, g, o = _gates(acts)
-            d_acts = d_acts * torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], -1)
 
-        def steps(v: Tensor | None) -> tuple[Tensor | None, ...]:
-            return (None,) * length if v is None else v.unbind(1)
+        def steps(v: Tensor | None, dim: int) -> tuple[Tensor | None, ...]:
+            return (None,) * length if v is None else v.unbind(dim)
 
-        d_hs, d_cs, d_acts = steps(d_hs), steps(d_cs), steps(d_acts)
-        coef_s, q_s, f_s = coef.unbind(1), q.unbind(1), _gates(acts)[1].unbind(1)
+        d_hs, d_cs = steps(d_hs, 1), steps(d_cs, 1)
+        d_acts, d_coef, d_q = steps(d_acts, 0), steps(d_coef, 0), steps(d_q, 0)
+        acts_s, cs_s, coef_s, q_s = acts.unbind(0), cs.unbind(1), coef.unbind(0), q.unbind(0)
         w = _one_or_each(w_hh, ctx.hh_shared)
-        dh = dc = None  # gradients flowing into step s from step s + 1
-        dz = [None] * length  # gradients of the pre-activation gates
+        dh, dc = d_h_last, d_c_last  # gradients flowing into step s from step s + 1
+        need_x, need_w_ih, need_w_hh = ctx.needs_input_grad[:3]
+        need_b = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        x_steps, w_x = x.transpose(1, 2), _one_or_each(w_ih, ctx.ih_shared)
+        d_x, d_w_ih, d_w_hh, d_b = [], None, None, None
+        pending = []  # gradients of the pre-activation gates (dz) of the steps not yet folded in, latest first
         for s in reversed(range(length)):
+            a, c_prev = acts_s[s], cs_s[s - 1] if s > 0 else c0
+            m = None if ctx.real[s] else keep[s]
             dh, dc = _plus(d_hs[s], dh), _plus(d_cs[s], dc)
+            d_a, dc_prev = d_acts[s], None  # gradients w.r.t. the activated gates and c_prev, beyond the state path
+            if d_coef[s] is not None or d_q[s] is not None:  # only in double backward
+                d_a_local, dc_local, dc_prev = _local_vjp(a, cs_s[s], c_prev, m, d_coef[s], d_q[s])
+                d_a, dc = _plus(d_a, d_a_local), _plus(dc, dc_local)
             dh = torch.zeros_like(c0) if dh is None else dh
             dc = dh * q_s[s] if dc is None else torch.addcmul(dc, dh, q_s[s])  # h = o·tanh(c)
-            dz_s = torch.cat([dc, dc, dc, dh], -1) * coef_s[s]  # c = f·c_prev + i·g, h = o·tanh(c)
-            dz[s] = dz_s if d_acts[s] is None else dz_s + d_acts[s]
-            dh_prev, dc_prev = _rows_matmul(dz[s], w), dc * f_s[s]
-            if not ctx.real[s]:  # padded: the state was carried (coef and q are 0 there), so is its gradient
-                m = keep[:, s]
+            dz = torch.cat([dc, dc, dc, dh], -1) * coef_s[s]  # c = f·c_prev + i·g, h = o·tanh(c)
+            if d_a is not None:
+                i, f, g, o = _gates(a)
+                dz = torch.addcmul(dz, d_a, torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], -1))
+            pending.append(dz)
+            dh_prev, dc_prev = _rows_matmul(dz, w), _plus(dc * _gates(a)[1], dc_prev)
+            if m is not None:  # padded: the state was carried (coef and q are 0 there), so is its gradient
                 dh_prev, dc_prev = dh_prev + torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
             dh, dc = dh_prev, dc_prev
-        dz = torch.stack(dz, 1)  # [T, L, B, 4H]
-        dz_rows = dz.view(t, length * b, -1)
-        grads: list[Tensor | None] = [None] * 9
-        grads[5], grads[6] = dh, _plus(dc, d_c0)
-        if ctx.needs_input_grad[0]:
-            grads[0] = _rows_matmul(dz_rows, _one_or_each(w_ih, ctx.ih_shared)).view(t, length, b, d).transpose(1, 2)
-        if ctx.needs_input_grad[1]:
-            x_rows = x.transpose(1, 2).reshape(t, length * b, d)
-            grads[1] = torch.bmm(x_rows.transpose(1, 2), dz_rows).transpose(1, 2)
-        if ctx.needs_input_grad[2]:  # Σ_s h_{s-1}^T dz_s: the steps after the first in one matmul, then step 0
-            d_w = torch.bmm(hs[:, :-1].flatten(1, 2).transpose(1, 2), dz[:, 1:].flatten(1, 2))
-            grads[2] = torch.baddbmm(d_w, h0.transpose(1, 2), dz[:, 0]).transpose(1, 2)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grads[3] = grads[4] = dz_rows.sum(1)
-        return tuple(grads)
+            if len(pending) == _BLOCK or s == 0:
+                # fold steps s .. s+n-1 into the weight, bias and input gradients: a few large matmuls, and
+                # never a buffer of every step's dz (large fresh allocations cost page faults on CPU)
+                n, rows = len(pending), torch.stack(pending[::-1], 1).flatten(1, 2)  # [T, n·B, 4H]
+                pending = []
+                if need_x:
+                    d_x.append(_rows_matmul(rows, w_x).view(t, n, b, d))
+                if need_w_ih:
+                    d_w_ih = _matmul_acc(d_w_ih, rows.transpose(1, 2), x_steps[:, s:s + n].reshape(t, n * b, d))
+                if need_w_hh:  # Σ_s dz_s^T h_{s-1}
+                    h_prev = hs[:, s - 1:s + n - 1] if s > 0 else torch.cat([h0.unsqueeze(1), hs[:, :n - 1]], 1)
+                    d_w_hh = _matmul_acc(d_w_hh, rows.transpose(1, 2), h_prev.flatten(1, 2))
+                if need_b:
+                    d_b = _plus(d_b, rows.sum(1))
+        d_x = torch.cat(d_x[::-1], 1).transpose(1, 2) if need_x else None
+        return d_x, d_w_ih, d_w_hh, d_b, d_b, dh, dc, None, None
 
 
-def _local_derivatives_vjp(acts: Tensor, cs: Tensor, c0: Tensor, keep: Tensor | None, d_coef: Tensor | None,
-                           d_q: Tensor | None, d_acts: Tensor | None,
-                           d_cs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Fold gradients w.r.t. ``coef`` and ``q`` into gradients w.r.t. the gates, the cells and ``c0``.
+def _local_vjp(a: Tensor, c: Tensor, c_prev: Tensor, keep: Tensor | None, d_coef: Tensor | None,
+               d_q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's gradients w.r.t. ``coef`` and ``q`` as gradients w.r.t. the gates, ``c`` and ``c_prev``.
 
-    Only double backward gets here. ``coef`` and ``q`` are pointwise in (gates, c, c_prev), so this is
-    all steps at once. On padded steps they are the constant 0.
+    Only double backward gets here. On padded steps ``coef`` and ``q`` are the constant 0.
     """
-    i, f, g, o = _gates(acts)
-    d_coef = torch.zeros_like(acts) if d_coef is None else d_coef
-    d_q = torch.zeros_like(cs) if d_q is None else d_q
+    i, f, g, o = _gates(a)
+    d_coef = torch.zeros_like(a) if d_coef is None else d_coef
+    d_q = torch.zeros_like(c) if d_q is None else d_q
     if keep is not None:
         d_coef, d_q = torch.where(keep, d_coef, 0.0), torch.where(keep, d_q, 0.0)
     dk_i, dk_f, dk_g, dk_o = _gates(d_coef)
-    c_prev = torch.cat([c0.unsqueeze(1), cs[:, :-1]], 1)
-    tanh_c = torch.tanh(cs)
+    tanh_c = torch.tanh(c)
     tanh_grad = 1 - tanh_c * tanh_c
     d_gates = torch.cat([
         dk_i * g * (1 - 2 * i) + dk_g * (1 - g * g),  # coef_i = g·i(1-i), coef_g = i(1-g²)
@@ -213,9 +244,7 @@ def _local_derivatives_vjp(acts: Tensor, cs: Tensor, c0: Tensor, keep: Tensor | 
         dk_o * tanh_c * (1 - 2 * o) + d_q * tanh_grad,  # coef_o = tanh(c)·o(1-o), q = o(1-tanh²c)
     ], -1)
     d_c = tanh_grad * (dk_o * o * (1 - o) - 2 * d_q * o * tanh_c)
-    d_c_prev = dk_f * f * (1 - f)
-    d_c = d_c + torch.cat([d_c_prev[:, 1:], torch.zeros_like(d_c_prev[:, :1])], 1)
-    return _plus(d_acts, d_gates), _plus(d_cs, d_c), d_c_prev[:, 0]
+    return d_gates, d_c, dk_f * f * (1 - f)
 
 
 def lstm_layer(
@@ -240,8 +269,8 @@ def lstm_layer(
     else:
         h, c = state
     keep, real = _step_masks(mask, length)
-    hs, cs, *_ = _LSTMLayer.apply(x, w_ih, w_hh, b_ih, b_hh, h, c, keep, real)
-    return hs.transpose(1, 2), (hs[:, -1], cs[:, -1])
+    hs, _, _, _, _, h, c = _LSTMLayer.apply(x, w_ih, w_hh, b_ih, b_hh, h, c, keep, real)
+    return hs.transpose(1, 2), (h, c)
 
 
 def gru_layer(
@@ -269,7 +298,7 @@ def gru_layer(
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
-        h = _carry(n + z * (h - n), h, None if real[s] else keep[:, s])
+        h = _carry(n + z * (h - n), h, None if real[s] else keep[s])
         outputs.append(h)
     return torch.stack(outputs, dim=2), (h,)
 

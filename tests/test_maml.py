@@ -457,3 +457,37 @@ def test_bits_per_character_is_nats_over_ln2():
     batch = ragged_lm_batch()
     metrics = MetaLearner(model, MAMLConfig(inner_steps=1)).evaluate(batch)
     torch.testing.assert_close(metrics["post_bpc"], metrics["post_nll"] / math.log(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark (`metalstm bench maml`): it runs, and the two implementations it times agree
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bench_smoke_gradients_agree(cell):
+    from metalstm.bench import bench
+
+    out = bench({"cell": cell, "dtype": "float64", "tasks": "3", "hidden": "6", "length": "5", "support": "2",
+                 "query": "2", "horizon": "2", "steps": "1,2", "repeats": "1", "warmup": "0",
+                 "memory": "1" if cell == "lstm" else "0"})
+    assert [(c["order"], c["inner_steps"]) for c in out["cases"]] == [
+        ("second", 1), ("first", 1), ("second", 2), ("first", 2)]
+    for case in out["cases"]:
+        assert case["grads_agree"] and case["grad_max_rel_err"] < 1e-8, case
+        assert case["flop_per_meta_step"] > 0 and case["project"]["tasks_per_s"] > 0
+        if cell == "lstm":
+            assert case["project"]["peak_mem_mb"] > 0 and case["naive"]["peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"tasks": "0"}, r"bench maml tasks: must be in \[1, 4096\], got 0"),
+    ({"steps": "1,x"}, "bench maml steps"),
+    ({"orders": "third"}, "bench maml orders"),
+    ({"malloc": "jemalloc"}, "bench maml malloc"),
+    ({"flux": "1"}, r"unknown option\(s\) \['flux'\]"),
+])
+def test_bench_rejects_bad_options(options, match):
+    from metalstm.bench import bench
+
+    with pytest.raises(ValueError, match=match):
+        bench(options)

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from metalstm import rnn as rnn_module
 from metalstm.models import RNN, batched
-from metalstm.rnn import gru_layer, lstm_layer, rnn_stack
+from metalstm.rnn import _LSTMLayer, _step_masks, gru_layer, lstm_layer, rnn_stack
 
 F64 = torch.float64
 TORCH_RNN = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -119,6 +120,57 @@ def test_gradgradcheck_with_masks_and_initial_state(cell):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
+def test_lstm_node_gradgradcheck_on_every_output(shared, monkeypatch):
+    """The LSTM node's hand-written backward, all seven outputs (gates and local derivatives included),
+    padding, the one-matmul path taken when every task holds the same (broadcast) weights, and the backward
+    folding the steps into the weight gradients in several blocks."""
+    monkeypatch.setattr(rnn_module, "_BLOCK", 2)
+    torch.manual_seed(6)
+    tasks, batch, length, d, hidden = 2, 2, 5, 2, 2
+
+    # the weights' leaves: one per task, or one shared by all tasks and broadcast inside f
+    lead = () if shared else (tasks,)
+    leaves = [torch.randn(*lead, *shape, dtype=F64, requires_grad=True)
+              for shape in ((4 * hidden, d), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,))]
+    x = torch.randn(tasks, batch, length, d, dtype=F64, requires_grad=True)
+    h0 = torch.randn(tasks, batch, hidden, dtype=F64, requires_grad=True)
+    c0 = torch.randn(tasks, batch, hidden, dtype=F64, requires_grad=True)
+    mask = torch.ones(tasks, batch, length, dtype=F64)
+    mask[0, 1, 3:] = 0
+    mask[1, 1, 1:] = 0
+    keep, real = _step_masks(mask, length)
+    assert keep is not None and not all(real)
+
+    def f(x, h0, c0, *weights):
+        if shared:
+            weights = [w.unsqueeze(0).expand(tasks, *w.shape) for w in weights]
+        return _LSTMLayer.apply(x, *weights, h0, c0, keep, real)
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *leaves))
+    assert torch.autograd.gradgradcheck(f, (x, h0, c0, *leaves))
+
+
+def test_broadcast_weights_give_the_same_gradients_as_materialised_copies():
+    """θ broadcast to all tasks (stride 0) takes a different code path: same first- and second-order results."""
+    torch.manual_seed(7)
+    tasks, batch, length, d, hidden = 3, 4, 5, 2, 6
+    rnn = RNN("lstm", d, hidden, 2).to(F64)
+    x = torch.randn(tasks, batch, length, d, dtype=F64)
+    results = []
+    for materialise in (False, True):
+        fast = batched(rnn, tasks)
+        if materialise:
+            fast = {n: p.contiguous() for n, p in fast.items()}
+            assert all(p.stride(0) != 0 for p in fast.values())
+        out, _ = rnn_stack("lstm", fast, x, 2)
+        inner = torch.autograd.grad(out.pow(2).sum(), list(fast.values()), create_graph=True)
+        meta = torch.autograd.grad(sum(g.pow(2).sum() for g in inner), list(rnn.parameters()))
+        results.append([g.detach() for g in (*inner, *meta)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 class CountOps(TorchDispatchMode):
     """Records every aten op with its output size (a real dispatch-level trace, no mocks)."""
 
@@ -129,7 +181,8 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         first = out[0] if isinstance(out, (tuple, list)) and out else out
-        self.ops.append((func.overloadpacket.__name__, first.numel() if isinstance(first, torch.Tensor) else 0))
+        name = func.overloadpacket.__name__.rstrip("_")  # in-place variants count as their op
+        self.ops.append((name, first.numel() if isinstance(first, torch.Tensor) else 0))
         return out
 
 

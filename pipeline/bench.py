@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import sys
 
 BENCHMARKS = {
     "maml": ("metalstm.bench", "core meta-step vs the naive per-task nn.LSTM loop"),
@@ -37,6 +39,17 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHMARKS[args.benchmark][0])
-    result = module.bench(parse_options(args.options))
-    print(json.dumps(result, indent=None if args.json else 2))
+    options = parse_options(args.options)
+    # stdout carries only the JSON: anything the benchmark or Ray prints meanwhile goes to stderr (at the
+    # file-descriptor level, so background threads and child output are caught too)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = module.bench(options)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(json.dumps(result, indent=None if args.json else 2), flush=True)
     return 0

@@ -38,7 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from metalstm import MetaLearner, NonFiniteLossError, collate
+from metalstm import MetaLearner, NonFiniteLossError, collate, series
 from metalstm.data import EOS, PAD
 from metalstm.decoding import next_token_logits, sample_continuation
 from pipeline.adapter_cache import AdapterCache, AdapterTooLargeError, tensor_bytes
@@ -250,8 +250,6 @@ def _history_timestamps(h: ForecastHistory, covariates: list[str]) -> list[str] 
 
 
 def _history_support(served: ServedModel, h: ForecastHistory) -> dict[str, Any]:
-    from metalstm import series
-
     s = _forecast_settings(served)
     values = np.asarray([np.nan if v is None else v for v in h.values], np.float64)
     try:
@@ -268,8 +266,6 @@ def _history_support(served: ServedModel, h: ForecastHistory) -> dict[str, Any]:
 
 
 def _history_query(served: ServedModel, h: ForecastHistory) -> tuple[list[np.ndarray], tuple[float, float]]:
-    from metalstm import series
-
     s = _forecast_settings(served)
     values = np.asarray([np.nan if v is None else v for v in h.values], np.float64)
     try:
@@ -417,8 +413,7 @@ def predict_group(served: ServedModel, params: dict[str, torch.Tensor], queries:
             for g, n in enumerate(counts):
                 rows = pred[g, :n].double().numpy()
                 if scales[g] is not None:
-                    offset, scale = scales[g]
-                    rows = rows * scale + offset
+                    rows = series.unscale(rows, *scales[g])
                 out.append([Prediction(values=r.tolist()) for r in rows])
             return out
         if family == "lm" and decode.mode == "distribution":

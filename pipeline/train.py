@@ -158,7 +158,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     bucket_bytes = int(cfg.scaling.bucket_mb * 2**20)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # query-loss sum, support-loss sum, task count
-    window = {"tasks": 0, "time": 0.0, "allreduce": 0.0, "wait": 0.0, "loss": 0.0, "support": 0.0, "n": 0}
+    window = {"tasks": 0, "time": 0.0, "allreduce": 0.0, "wait": 0.0, "loss": 0.0, "support": 0.0}
     local_ids: list[str] = []
     while step < cfg.schedule.meta_steps:
         t0 = time.perf_counter()
@@ -189,8 +189,7 @@ def train_func(config: dict[str, Any]) -> None:
         t3 = time.perf_counter()
         window = {"tasks": window["tasks"] + count, "time": window["time"] + (t3 - t0),
                   "allreduce": window["allreduce"] + (t2 - t_wait), "wait": window["wait"] + (t_wait - t1),
-                  "loss": window["loss"] + float(stats[0]),
-                  "support": window["support"] + float(stats[1]), "n": window["n"] + 1}
+                  "loss": window["loss"] + float(stats[0]), "support": window["support"] + float(stats[1])}
 
         last = step == cfg.schedule.meta_steps
         if step % cfg.schedule.log_every == 0 or last:
@@ -237,9 +236,8 @@ def train_func(config: dict[str, Any]) -> None:
                          "rng": _rng_state(), "config": config["train"], "store": config["store"], "curves": curves,
                          "batch_task_ids": ids, "val_loss": metrics.get("val_loss", float("nan"))}
                 is_best = metrics.get("val_loss", float("inf")) < best["val_loss"]
-                if is_best:
+                if is_best:  # ``extra["best"]`` is this same dict
                     best.update(val_loss=metrics["val_loss"], step=step)
-                    extra["best"] = best
                 path = save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, learner, cfg.model, extra)
                 if tracker and is_best:
                     tracker.best_checkpoint = _keep_copy(path, "best")

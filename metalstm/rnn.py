@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 State = tuple[Tensor, ...]
 
@@ -64,20 +65,7 @@ def _rows_matmul(rows: Tensor, w: Tensor) -> Tensor:
     return torch.bmm(rows, w)
 
 
-def _matmul_acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """``acc + a @ b`` (batched) in one fused op; in place unless autograd is recording (create_graph)."""
-    if acc is None:
-        return torch.bmm(a, b)
-    return torch.baddbmm(acc, a, b) if torch.is_grad_enabled() else acc.baddbmm_(a, b)
-
-
-def _one_or_each(w: Tensor, shared: bool) -> Tensor:
-    """The matrix every task shares, else the per-task stack. Select once per layer, never per step: in
-    double backward each ``w[0]`` would cost a zero tensor the size of all tasks' weights."""
-    return w[0] if shared else w
-
-
-_BLOCK = 8  # steps whose gate gradients the LSTM backward folds into the weight gradients at once
+_BLOCK = 8  # steps per block of gate gradients folded into the weight gradients (not recording)
 
 
 def _gates(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -114,7 +102,7 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, h0: Tensor, c0: Tensor,
-                keep: Tensor | None, real: tuple[bool, ...]) -> tuple[Tensor, ...]:
+                keep: Tensor | None, real: tuple[bool, ...], backward: bool = True) -> tuple[Tensor, ...]:
         t, b, length, d = x.shape
         hidden = w_hh.shape[-1]
         ih_shared = _shared(w_ih) and _shared(b_ih) and _shared(b_hh)
@@ -127,7 +115,8 @@ class _LSTMLayer(torch.autograd.Function):
             x_rows = x.transpose(1, 2).reshape(t, length * b, d)
             proj = torch.bmm(x_rows, w_ih.transpose(1, 2)).view(t, length, b, 4 * hidden).transpose(0, 1)
             acts = torch.add(proj, (b_ih + b_hh)[:, None], out=x.new_empty(length, t, b, 4 * hidden))
-        coef, q = torch.empty_like(acts), acts.new_empty(length, t, b, hidden)
+        # no backward will follow (evaluation, serving): the local derivatives are not worth computing
+        coef, q = (torch.empty_like(acts), acts.new_empty(length, t, b, hidden)) if backward else (acts, acts)
         hs, cs = x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)
         w = w_hh[0].t() if hh_shared else w_hh.transpose(1, 2).contiguous()
         steps = zip(acts.unbind(0), coef.unbind(0), q.unbind(0), hs.unbind(1), cs.unbind(1))
@@ -146,19 +135,21 @@ class _LSTMLayer(torch.autograd.Function):
             torch.mul(f, c, out=c_s).addcmul_(i, g)  # c = f·c_prev + i·g
             tanh_c = torch.tanh(c_s)
             torch.mul(o, tanh_c, out=h_s)  # h = o·tanh(c)
-            torch.addcmul(o, h_s, tanh_c, value=-1, out=q_s)  # o·(1 - tanh²c)
-            torch.addcmul(a, a, a, value=-1, out=k)  # σ' = σ - σ² (the g block is replaced below)
-            k_i, k_f, k_g, k_o = _gates(k)
-            k_i.mul_(g)
-            k_f.mul_(c)
-            torch.addcmul(i, i * g, g, value=-1, out=k_g)  # i·(1 - g²)
-            k_o.mul_(tanh_c)
+            if backward:
+                torch.addcmul(o, h_s, tanh_c, value=-1, out=q_s)  # o·(1 - tanh²c)
+                torch.addcmul(a, a, a, value=-1, out=k)  # σ' = σ - σ² (the g block is replaced below)
+                k_i, k_f, k_g, k_o = _gates(k)
+                k_i.mul_(g)
+                k_f.mul_(c)
+                torch.addcmul(i, i * g, g, value=-1, out=k_g)  # i·(1 - g²)
+                k_o.mul_(tanh_c)
             if not real[s]:  # padded: carry the state; nothing flows through the discarded new one
                 m = keep[s]
                 torch.where(m, c_s, c, out=c_s)
                 torch.where(m, h_s, h, out=h_s)
-                k.masked_fill_(~m, 0.0)
-                q_s.masked_fill_(~m, 0.0)
+                if backward:
+                    k.masked_fill_(~m, 0.0)
+                    q_s.masked_fill_(~m, 0.0)
             h, c = h_s, c_s
         ctx.save_for_backward(x, w_ih, w_hh, h0, c0, hs, cs, acts, coef, q, keep)
         ctx.real, ctx.ih_shared, ctx.hh_shared = real, ih_shared, hh_shared
@@ -171,80 +162,265 @@ class _LSTMLayer(torch.autograd.Function):
     def backward(ctx, d_hs: Tensor | None, d_cs: Tensor | None, d_acts: Tensor | None, d_coef: Tensor | None,
                  d_q: Tensor | None, d_h_last: Tensor | None, d_c_last: Tensor | None):
         x, w_ih, w_hh, h0, c0, hs, cs, acts, coef, q, keep = ctx.saved_tensors
-        t, b, length, d = x.shape
-
-        def steps(v: Tensor | None, dim: int) -> tuple[Tensor | None, ...]:
-            return (None,) * length if v is None else v.unbind(dim)
-
-        d_hs, d_cs = steps(d_hs, 1), steps(d_cs, 1)
-        d_acts, d_coef, d_q = steps(d_acts, 0), steps(d_coef, 0), steps(d_q, 0)
-        acts_s, cs_s, coef_s, q_s = acts.unbind(0), cs.unbind(1), coef.unbind(0), q.unbind(0)
-        w = _one_or_each(w_hh, ctx.hh_shared)
-        dh, dc = d_h_last, d_c_last  # gradients flowing into step s from step s + 1
-        need_x, need_w_ih, need_w_hh = ctx.needs_input_grad[:3]
-        need_b = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        x_steps, w_x = x.transpose(1, 2), _one_or_each(w_ih, ctx.ih_shared)
-        d_x, d_w_ih, d_w_hh, d_b = [], None, None, None
-        pending = []  # gradients of the pre-activation gates (dz) of the steps not yet folded in, latest first
-        for s in reversed(range(length)):
-            a, c_prev = acts_s[s], cs_s[s - 1] if s > 0 else c0
-            m = None if ctx.real[s] else keep[s]
-            dh, dc = _plus(d_hs[s], dh), _plus(d_cs[s], dc)
-            d_a, dc_prev = d_acts[s], None  # gradients w.r.t. the activated gates and c_prev, beyond the state path
-            if d_coef[s] is not None or d_q[s] is not None:  # only in double backward
-                d_a_local, dc_local, dc_prev = _local_vjp(a, cs_s[s], c_prev, m, d_coef[s], d_q[s])
-                d_a, dc = _plus(d_a, d_a_local), _plus(dc, dc_local)
-            dh = torch.zeros_like(c0) if dh is None else dh
-            dc = dh * q_s[s] if dc is None else torch.addcmul(dc, dh, q_s[s])  # h = o·tanh(c)
-            dz = torch.cat([dc, dc, dc, dh], -1) * coef_s[s]  # c = f·c_prev + i·g, h = o·tanh(c)
-            if d_a is not None:
-                i, f, g, o = _gates(a)
-                dz = torch.addcmul(dz, d_a, torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], -1))
-            pending.append(dz)
-            dh_prev, dc_prev = _rows_matmul(dz, w), _plus(dc * _gates(a)[1], dc_prev)
-            if m is not None:  # padded: the state was carried (coef and q are 0 there), so is its gradient
-                dh_prev, dc_prev = dh_prev + torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
-            dh, dc = dh_prev, dc_prev
-            if len(pending) == _BLOCK or s == 0:
-                # fold steps s .. s+n-1 into the weight, bias and input gradients: a few large matmuls, and
-                # never a buffer of every step's dz (large fresh allocations cost page faults on CPU)
-                n, rows = len(pending), torch.stack(pending[::-1], 1).flatten(1, 2)  # [T, n·B, 4H]
-                pending = []
-                if need_x:
-                    d_x.append(_rows_matmul(rows, w_x).view(t, n, b, d))
-                if need_w_ih:
-                    d_w_ih = _matmul_acc(d_w_ih, rows.transpose(1, 2), x_steps[:, s:s + n].reshape(t, n * b, d))
-                if need_w_hh:  # Σ_s dz_s^T h_{s-1}
-                    h_prev = hs[:, s - 1:s + n - 1] if s > 0 else torch.cat([h0.unsqueeze(1), hs[:, :n - 1]], 1)
-                    d_w_hh = _matmul_acc(d_w_hh, rows.transpose(1, 2), h_prev.flatten(1, 2))
-                if need_b:
-                    d_b = _plus(d_b, rows.sum(1))
-        d_x = torch.cat(d_x[::-1], 1).transpose(1, 2) if need_x else None
-        return d_x, d_w_ih, d_w_hh, d_b, d_b, dh, dc, None, None
+        flags = (keep, ctx.real, ctx.ih_shared, ctx.hh_shared, ctx.needs_input_grad[:5])
+        if torch.is_grad_enabled():  # create_graph: second-order MAML differentiates this backward
+            if d_acts is not None or d_coef is not None or d_q is not None:
+                raise RuntimeError("the LSTM layer supports gradients up to second order, not third")
+            grads = _LSTMLayerGrad.apply(d_hs, d_cs, d_h_last, d_c_last, x, w_ih, w_hh, h0, c0, hs, acts, coef, q,
+                                         *flags)
+        else:
+            grads = _lstm_backward(x, w_ih, w_hh, h0, c0, hs, cs, acts, coef, q, *flags,
+                                   d_hs, d_cs, d_acts, d_coef, d_q, d_h_last, d_c_last)[:6]
+        d_x, d_w_ih, d_w_hh, d_b, dh0, dc0 = grads
+        return d_x, d_w_ih, d_w_hh, d_b, d_b, dh0, dc0, None, None, None
 
 
-def _local_vjp(a: Tensor, c: Tensor, c_prev: Tensor, keep: Tensor | None, d_coef: Tensor | None,
-               d_q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One step's gradients w.r.t. ``coef`` and ``q`` as gradients w.r.t. the gates, ``c`` and ``c_prev``.
+def _task_rows(v: Tensor) -> Tensor:
+    """``[T, L, B, K]`` (or a slice of its steps) as each task's rows ``[T, L·B, K]``, a view."""
+    return v.flatten(1, 2)
 
-    Only double backward gets here. On padded steps ``coef`` and ``q`` are the constant 0.
+
+def _sum_dz_outer_previous(dz: Tensor, first: Tensor | None, rest: Tensor, out: Tensor | None = None) -> Tensor:
+    """``Σ_s dz_sᵀ v_{s-1}`` per task, with ``v_{-1} = first`` (``[T, B, K]``; None: zero) and ``v_s = rest[:, s]``,
+    added to ``out`` in place when given (no graph is recorded here).
+
+    Two matmuls over views: no copy of ``rest`` shifted by one step."""
+    t, length, _, gates = dz.shape
+    if out is None:
+        out = dz.new_zeros(t, gates, rest.shape[-1])
+    if length > 1:
+        out.baddbmm_(_task_rows(dz[:, 1:]).transpose(1, 2), _task_rows(rest[:, :-1]))
+    return out if first is None else out.baddbmm_(dz[:, 0].transpose(1, 2), first)
+
+
+@torch.no_grad()
+def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, cs: Tensor | None,
+                   acts: Tensor, coef: Tensor, q: Tensor, keep: Tensor | None, real: tuple[bool, ...],
+                   ih_shared: bool, hh_shared: bool, need: tuple[bool, ...], d_hs: Tensor | None,
+                   d_cs: Tensor | None, d_acts: Tensor | None, d_coef: Tensor | None, d_q: Tensor | None,
+                   d_h_last: Tensor | None, d_c_last: Tensor | None, record: bool = False) -> tuple:
+    """The layer's vector-Jacobian product, recording no graph.
+
+    A reverse-time recurrence of a few ops and one matmul per step; every step's gate gradients ``dz`` go
+    into one ``[T, L, B, 4H]`` buffer, from which the input, weight and bias gradients are a few large
+    matmuls. Gradients reaching the saved gates, ``coef`` and ``q`` (the second backward of second-order
+    MAML) are folded in step by step by ``_local_vjp``.
+
+    Returns ``(d_x, d_w_ih, d_w_hh, d_b, dh0, dc0, dz, dh, dc)``; the last two (every step's ``dh`` and the
+    ``dc`` that entered ``dz``, ``[T, L, B, H]``) only with ``record``, for ``_LSTMLayerGrad``.
+    """
+    t, b, length, d = x.shape
+    hidden = h0.shape[-1]
+    need_x, need_w_ih, need_w_hh, need_b_ih, need_b_hh = need
+    local = d_acts is not None or d_coef is not None or d_q is not None
+    w = w_hh[0] if hh_shared else w_hh
+    x_steps = x.transpose(1, 2)  # [T, L, B, D]
+    d_x = x.new_empty(t, length, b, d) if need_x else None
+    d_w_ih = x.new_zeros(w_ih.shape) if need_w_ih else None
+    d_w_hh = x.new_zeros(w_hh.shape) if need_w_hh else None
+    d_b = x.new_zeros(t, 4 * hidden) if need_b_ih or need_b_hh else None
+
+    def fold(dz: Tensor, start: int) -> None:
+        """Steps ``start …`` into the input, weight and bias gradients: a few large matmuls per block."""
+        n, rows = dz.shape[1], _task_rows(dz)
+        if need_x:
+            d_x[:, start:start + n] = _rows_matmul(rows, w_ih[0] if ih_shared else w_ih).view(t, n, b, d)
+        if need_w_ih:
+            d_w_ih.baddbmm_(rows.transpose(1, 2), x_steps[:, start:start + n].reshape(t, n * b, d))
+        if need_w_hh:  # Σ_s dz_sᵀ h_{s-1}
+            _sum_dz_outer_previous(dz, hs[:, start - 1] if start else h0, hs[:, start:start + n], out=d_w_hh)
+        if d_b is not None:
+            d_b.add_(rows.sum(1))
+
+    # dz of every step when recording, else of blocks of _BLOCK steps: large fresh buffers cost page faults
+    dz_all = x.new_empty(t, length, b, 4 * hidden) if record else None
+    dh_all, dc_all = (x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)) if record else (None, None)
+    block, start = None, length
+    dh, dc = d_h_last, d_c_last  # gradients flowing into step s from step s + 1
+    for s in reversed(range(length)):
+        if block is None:
+            start = 0 if record else max(s + 1 - _BLOCK, 0)
+            block = dz_all if record else x.new_empty(t, s + 1 - start, b, 4 * hidden)
+        m = None if real[s] else keep[s]
+        dh = _plus(None if d_hs is None else d_hs[:, s], dh)
+        dc = _plus(None if d_cs is None else d_cs[:, s], dc)
+        dh = h0.new_zeros(t, b, hidden) if dh is None else dh
+        dc = dh * q[s] if dc is None else torch.addcmul(dc, dh, q[s])  # h = o·tanh(c)
+        dz_local = dc_prev_local = None
+        if local:
+            step = (None if g is None else g[s] for g in (d_acts, d_coef, d_q))
+            dz_local, dc_local, dc_prev_local = _local_vjp(acts[s], cs[:, s], cs[:, s - 1] if s else c0,
+                                                           hs[:, s], m, *step)
+            dc += dc_local
+        # c = f·c_prev + i·g, h = o·tanh(c): dz = [dc, dc, dc, dh] ⊙ coef
+        dz = torch.empty_like(coef[s])
+        z4, k4 = dz.view(t, b, 4, hidden), coef[s].view(t, b, 4, hidden)
+        torch.mul(k4[:, :, :3], dc.unsqueeze(2), out=z4[:, :, :3])
+        torch.mul(k4[:, :, 3], dh, out=z4[:, :, 3])
+        if dz_local is not None:
+            dz += dz_local
+        block[:, s - start] = dz
+        if record:
+            dh_all[:, s], dc_all[:, s] = dh, dc
+        dh_prev, dc_prev = _rows_matmul(dz, w), dc * _gates(acts[s])[1]
+        if dc_prev_local is not None:
+            dc_prev += dc_prev_local
+        if m is not None:  # padded: the state was carried (coef and q are 0 there), so is its gradient
+            dh_prev, dc_prev = dh_prev + torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
+        dh, dc = dh_prev, dc_prev
+        if s == start:
+            fold(block, start)
+            block = None
+    d_x = None if d_x is None else d_x.transpose(1, 2)
+    return d_x, d_w_ih, d_w_hh, d_b, dh, dc, dz_all, dh_all, dc_all
+
+
+def _local_vjp(a: Tensor, c: Tensor, c_prev: Tensor, h: Tensor, keep: Tensor | None, d_a: Tensor | None,
+               d_coef: Tensor | None, d_q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's gradients w.r.t. the activated gates ``a``, ``coef`` and ``q``, as gradients w.r.t. the
+    pre-activations, ``c`` and ``c_prev``. Only the second backward of second-order MAML gets here.
+
+    With ``coef = (g·σ'(i), c_prev·σ'(f), i·tanh'(g), tanh(c)·σ'(o))``, ``q = o·tanh'(c)``, ``σ' = σ(1-σ)``
+    (so ``∂σ'/∂σ = 1 - 2σ``) and ``tanh' = 1 - tanh²``. On padded steps ``coef`` and ``q`` are the constant 0.
     """
     i, f, g, o = _gates(a)
-    d_coef = torch.zeros_like(a) if d_coef is None else d_coef
-    d_q = torch.zeros_like(c) if d_q is None else d_q
-    if keep is not None:
-        d_coef, d_q = torch.where(keep, d_coef, 0.0), torch.where(keep, d_q, 0.0)
-    dk_i, dk_f, dk_g, dk_o = _gates(d_coef)
-    tanh_c = torch.tanh(c)
-    tanh_grad = 1 - tanh_c * tanh_c
-    d_gates = torch.cat([
-        dk_i * g * (1 - 2 * i) + dk_g * (1 - g * g),  # coef_i = g·i(1-i), coef_g = i(1-g²)
-        dk_f * c_prev * (1 - 2 * f),  # coef_f = c_prev·f(1-f)
-        dk_i * i * (1 - i) - 2 * dk_g * i * g,
-        dk_o * tanh_c * (1 - 2 * o) + d_q * tanh_grad,  # coef_o = tanh(c)·o(1-o), q = o(1-tanh²c)
-    ], -1)
-    d_c = tanh_grad * (dk_o * o * (1 - o) - 2 * d_q * o * tanh_c)
-    return d_gates, d_c, dk_f * f * (1 - f)
+    slope = torch.addcmul(a, a, a, value=-1)  # ∂a/∂z: σ' for i, f, o; the g block is replaced next
+    s_i, s_f, s_g, s_o = _gates(slope)
+    torch.addcmul(a.new_ones(()), g, g, value=-1, out=s_g)
+    d_gates = torch.zeros_like(a) if d_a is None else d_a.clone()  # gradient w.r.t. the activated gates
+    dc = dc_prev = torch.zeros_like(c)
+    if d_coef is not None or d_q is not None:
+        d_coef = torch.zeros_like(a) if d_coef is None else d_coef
+        d_q = torch.zeros_like(c) if d_q is None else d_q
+        if keep is not None:
+            d_coef, d_q = torch.where(keep, d_coef, 0.0), torch.where(keep, d_q, 0.0)
+        dk_i, dk_f, dk_g, dk_o = _gates(d_coef)
+        tanh_c = torch.tanh(c)
+        tanh_grad = torch.addcmul(c.new_ones(()), tanh_c, tanh_c, value=-1)
+        u = torch.add(a.new_ones(()), a, alpha=-2).mul_(d_coef)  # dk ⊙ (1 - 2a): the σ' terms' derivative
+        u_i, u_f, u_g, u_o = _gates(u)
+        u_i.mul_(g).addcmul_(dk_g, s_g)  # coef_i = g·σ'(i), coef_g = i·tanh'(g)
+        u_f.mul_(c_prev)  # coef_f = c_prev·σ'(f)
+        torch.mul(dk_i, s_i, out=u_g).addcmul_(dk_g, i * g, value=-2)
+        u_o.mul_(tanh_c).addcmul_(d_q, tanh_grad)  # coef_o = tanh(c)·σ'(o), q = o·tanh'(c)
+        d_gates += u
+        dc = (dk_o * s_o).addcmul_(d_q, h, value=-2).mul_(tanh_grad)  # h = o·tanh(c)
+        dc_prev = dk_f * s_f
+    return d_gates.mul_(slope), dc, dc_prev
+
+
+class _LSTMLayerGrad(torch.autograd.Function):
+    """The LSTM layer's backward as its own node, with a hand-written backward: second-order MAML.
+
+    Its forward is ``_lstm_backward``, a reverse-time recurrence linear in the incoming gradients. Its
+    backward is that recurrence's adjoint: a forward-time recurrence of one matmul and a few in-place ops
+    per step, plus large matmuls for everything that is not recurrent. Autograd differentiating the
+    backward op by op would instead record and replay some thirty small ops per step.
+
+    With ``Z̄``, ``H̄``, ``C̄`` the gradients w.r.t. a step's ``dz``, ``dh`` and ``dc``, and ``P̄h``, ``P̄c``
+    those w.r.t. the ``dh_prev``, ``dc_prev`` it passes back (``H̄``, ``C̄`` of the step before; the gradients
+    w.r.t. ``dh0``, ``dc0`` at step 0)::
+
+        Z̄ = h_{s-1} W̄_hhᵀ + x_s W̄_ihᵀ + b̄ + x̄_s W_ihᵀ + P̄h W_hhᵀ
+        C̄ = P̄c ⊙ f + Σ_{i,f,g} Z̄ ⊙ coef,   H̄ = Z̄_o ⊙ coef_o + C̄ ⊙ q
+
+    (on padded steps ``dc_prev = dc`` and ``dh_prev`` gains ``dh``). The gradients w.r.t. the saved
+    gates, ``coef``, ``q`` and ``hs`` go on to ``_LSTMLayer``'s backward, which turns them into gradients
+    w.r.t. θ. Third-order gradients are not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, d_hs: Tensor | None, d_cs: Tensor | None, d_h_last: Tensor | None, d_c_last: Tensor | None,
+                x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, acts: Tensor,
+                coef: Tensor, q: Tensor, keep: Tensor | None, real: tuple[bool, ...], ih_shared: bool,
+                hh_shared: bool, need: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+        out = _lstm_backward(x, w_ih, w_hh, h0, c0, hs, None, acts, coef, q, keep, real, ih_shared, hh_shared, need,
+                             d_hs, d_cs, None, None, None, d_h_last, d_c_last, record=True)
+        d_x, d_w_ih, d_w_hh, d_b, dh0, dc0, dz, dh, dc = out
+        ctx.save_for_backward(x, w_ih, w_hh, h0, hs, acts, coef, q, keep, dz, dh, dc)
+        ctx.real, ctx.hh_shared = real, hh_shared
+        ctx.set_materialize_grads(False)
+        return d_x, d_w_ih, d_w_hh, d_b, dh0, dc0
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_dx: Tensor | None, g_dw_ih: Tensor | None, g_dw_hh: Tensor | None, g_db: Tensor | None,
+                 g_dh0: Tensor | None, g_dc0: Tensor | None):
+        x, w_ih, w_hh, h0, hs, acts, coef, q, keep, dz, dh, dc = ctx.saved_tensors
+        t, b, length, d = x.shape
+        hidden = h0.shape[-1]
+        need = ctx.needs_input_grad
+        # Z̄'s terms that are not recurrent: a few large matmuls over all steps, then time-major like ``coef``
+        rows, z_rows = _task_rows(dz), x.new_zeros(t, length, b, 4 * hidden)
+        if g_db is not None:
+            z_rows += g_db[:, None, None, :]
+        if g_dw_hh is not None:  # d_w_hh = Σ_s dz_sᵀ h_{s-1}
+            g_dw_hh_t = g_dw_hh.transpose(1, 2)
+            z_rows[:, 0].baddbmm_(h0, g_dw_hh_t)
+            _task_rows(z_rows[:, 1:]).baddbmm_(_task_rows(hs[:, :-1]), g_dw_hh_t)
+        if g_dw_ih is not None:  # d_w_ih = Σ_s dz_sᵀ x_s
+            _task_rows(z_rows).baddbmm_(x.transpose(1, 2).reshape(t, length * b, d), g_dw_ih.transpose(1, 2))
+        g_dx_rows = None if g_dx is None else g_dx.transpose(1, 2).reshape(t, length * b, d)
+        if g_dx is not None:  # d_x_s = dz_s W_ih
+            _task_rows(z_rows).baddbmm_(g_dx_rows, w_ih.transpose(1, 2))
+        z_bar = z_rows.transpose(0, 1).contiguous()
+        # the recurrence, forward in time; the gradients w.r.t. the saved coef, q and f gate on the way
+        w = w_hh[0].t() if ctx.hh_shared else w_hh.transpose(1, 2).contiguous()
+        h_bar, c_bar = x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)
+        coef_bar = torch.empty_like(coef) if need[11] else None
+        q_bar = torch.empty_like(q) if need[12] else None
+        acts_bar = torch.zeros_like(acts) if need[10] else None
+        ph, pc = g_dh0, g_dc0
+        for s in range(length):
+            zb, hb, cb, dh_s, dc_s = z_bar[s], h_bar[:, s], c_bar[:, s], dh[:, s], dc[:, s]
+            if ph is not None:
+                if ctx.hh_shared:
+                    zb.view(t * b, -1).addmm_(ph.reshape(t * b, hidden), w)
+                else:
+                    zb.baddbmm_(ph, w)
+            z_i, z_f, z_g, z_o = _gates(zb)
+            k_i, k_f, k_g, k_o = _gates(coef[s])
+            m = None if ctx.real[s] else keep[s]
+            f = _gates(acts[s])[1]
+            if pc is None:
+                torch.mul(z_i, k_i, out=cb)
+            else:
+                torch.mul(pc, f, out=cb) if m is None else torch.where(m, pc * f, pc, out=cb)
+                cb.addcmul_(z_i, k_i)
+                if acts_bar is not None:  # dc_prev = dc ⊙ f
+                    f_bar = _gates(acts_bar[s])[1]
+                    torch.mul(pc, dc_s, out=f_bar)
+                    if m is not None:
+                        f_bar.masked_fill_(~m, 0.0)
+            cb.addcmul_(z_f, k_f).addcmul_(z_g, k_g)
+            torch.mul(z_o, k_o, out=hb)
+            if m is not None and ph is not None:
+                hb += torch.where(m, 0.0, ph)
+            hb.addcmul_(cb, q[s])
+            if coef_bar is not None:  # dz = [dc, dc, dc, dh] ⊙ coef
+                c4, z4 = coef_bar[s].view(t, b, 4, hidden), zb.view(t, b, 4, hidden)
+                torch.mul(z4[:, :, :3], dc_s.unsqueeze(2), out=c4[:, :, :3])
+                torch.mul(z_o, dh_s, out=c4[:, :, 3])
+            if q_bar is not None:  # dc = dc_in + dh ⊙ q
+                torch.mul(cb, dh_s, out=q_bar[s])
+            ph, pc = hb, cb
+        # the gradients of the backward's inputs
+        grads: list[Tensor | None] = [None] * 18
+        grads[0], grads[1] = (h_bar if need[0] else None), (c_bar if need[1] else None)
+        grads[2], grads[3] = (h_bar[:, -1] if need[2] else None), (c_bar[:, -1] if need[3] else None)
+        if need[4] and g_dw_ih is not None:  # d_w_ih = Σ_s dz_sᵀ x_s
+            grads[4] = torch.bmm(rows, g_dw_ih).view(t, length, b, d).transpose(1, 2)
+        if need[5] and g_dx is not None:  # d_x_s = dz_s W_ih
+            grads[5] = torch.bmm(rows.transpose(1, 2), g_dx_rows)
+        if need[6]:  # dh_prev = dz W_hh
+            grads[6] = _sum_dz_outer_previous(dz, g_dh0, h_bar)
+        if (need[7] or need[9]) and g_dw_hh is not None:  # d_w_hh = Σ_s dz_sᵀ h_{s-1}
+            grads[7] = torch.bmm(dz[:, 0], g_dw_hh)
+            hs_bar = grads[9] = x.new_zeros(t, length, b, hidden)
+            if length > 1:
+                _task_rows(hs_bar[:, :-1]).baddbmm_(_task_rows(dz[:, 1:]), g_dw_hh)
+        grads[10], grads[11], grads[12] = acts_bar, coef_bar, q_bar
+        return tuple(grads)
 
 
 def lstm_layer(
@@ -269,7 +445,8 @@ def lstm_layer(
     else:
         h, c = state
     keep, real = _step_masks(mask, length)
-    hs, _, _, _, _, h, c = _LSTMLayer.apply(x, w_ih, w_hh, b_ih, b_hh, h, c, keep, real)
+    backward = torch.is_grad_enabled() and any(v.requires_grad for v in (x, w_ih, w_hh, b_ih, b_hh, h, c))
+    hs, _, _, _, _, h, c = _LSTMLayer.apply(x, w_ih, w_hh, b_ih, b_hh, h, c, keep, real, backward)
     return hs.transpose(1, 2), (h, c)
 
 

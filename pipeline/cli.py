@@ -24,6 +24,9 @@ COMMANDS = {
 }
 
 
+KEY_VALUE_LISTS = ("options", "overrides")  # the names commands give their ``key=value`` positional
+
+
 class UserError(Exception):
     """An error the user can fix; the CLI prints its message without a traceback and exits 2."""
 
@@ -38,9 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # only the chosen command's module is imported (Ray, MLflow are slow to import)
             importlib.import_module(module).add_arguments(sub, name)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # ``key=value`` items after a flag (``bench maml --json steps=1``): argparse stops filling a ``nargs="*"``
+    # positional at the first flag, so they arrive here and join the command's list of overrides
+    target = next((a for a in KEY_VALUE_LISTS if isinstance(getattr(args, a, None), list)), None)
+    if extra and (target is None or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, target).extend(extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from metalstm.runtime import retain_freed_memory
+
+    retain_freed_memory()  # meta-training, experiments and benchmarks reuse large tensor buffers in place
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:

@@ -41,6 +41,7 @@ from ray import serve
 from metalstm import MetaLearner, NonFiniteLossError, collate, series
 from metalstm.data import EOS, PAD
 from metalstm.decoding import next_token_logits, sample_continuation
+from metalstm.runtime import retain_freed_memory
 from pipeline.adapter_cache import AdapterCache, AdapterTooLargeError, tensor_bytes
 from pipeline.serve_schema import (
     MAX_BODY_BYTES,
@@ -573,6 +574,7 @@ class AdaptationServer:
                  batching: bool = True, model: dict[str, Any] | None = None) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        retain_freed_memory()
         self.token = os.environ.get(token_env) or None
         self.max_body_bytes = int(max_body_bytes)
         self.cache = AdapterCache(cache_max_entries, cache_ttl_s, cache_max_bytes)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from metalstm import MetaLearner, build_model, collate, learner_from_checkpoint, load_checkpoint, save_checkpoint
+from metalstm.runtime import retain_freed_memory
 from pipeline.config import TrainConfig, apply_manifest, from_dict, load_config, to_dict
 
 log = logging.getLogger("metalstm.train")
@@ -103,6 +104,7 @@ def train_func(config: dict[str, Any]) -> None:
     from pipeline.registry import adaptation_curve, evaluate_learner
 
     cfg: TrainConfig = from_dict(config["train"])
+    retain_freed_memory()
     if not log.handlers:  # worker processes start without logging configured; progress goes to the job log
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -121,10 +121,11 @@ def test_gradgradcheck_with_masks_and_initial_state(cell):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
-def test_lstm_node_gradgradcheck_on_every_output(shared, monkeypatch):
-    """The LSTM node's hand-written backward, all seven outputs (gates and local derivatives included),
-    padding, the one-matmul path taken when every task holds the same (broadcast) weights, and the backward
-    folding the steps into the weight gradients in several blocks."""
+def test_lstm_node_gradients_on_every_output(shared, monkeypatch):
+    """The LSTM node's hand-written backward on all seven outputs (gates and local derivatives included: the
+    second backward of MAML sends gradients there), and its hand-written second-order node on the four
+    outputs a caller can use, with padding and the one-matmul path taken when every task holds the same
+    (broadcast) weights; the backward folds the steps into the weight gradients in several blocks."""
     monkeypatch.setattr(rnn_module, "_BLOCK", 2)
     torch.manual_seed(6)
     tasks, batch, length, d, hidden = 2, 2, 5, 2, 2
@@ -147,8 +148,23 @@ def test_lstm_node_gradgradcheck_on_every_output(shared, monkeypatch):
             weights = [w.unsqueeze(0).expand(tasks, *w.shape) for w in weights]
         return _LSTMLayer.apply(x, *weights, h0, c0, keep, real)
 
+    def state_outputs(*inputs):
+        hs, cs, _, _, _, h, c = f(*inputs)
+        return hs, cs, h, c
+
     assert torch.autograd.gradcheck(f, (x, h0, c0, *leaves))
-    assert torch.autograd.gradgradcheck(f, (x, h0, c0, *leaves))
+    assert torch.autograd.gradgradcheck(state_outputs, (x, h0, c0, *leaves))
+
+
+def test_third_order_gradients_are_refused_clearly():
+    x = torch.randn(1, 2, 3, 2, dtype=F64)
+    w = [torch.randn(1, 8, 2, dtype=F64, requires_grad=True), torch.randn(1, 8, 2, dtype=F64, requires_grad=True),
+         torch.randn(1, 8, dtype=F64, requires_grad=True), torch.randn(1, 8, dtype=F64, requires_grad=True)]
+    out, (h, _) = lstm_layer(x, *w)
+    (g,) = torch.autograd.grad(h.pow(2).sum(), [w[1]], create_graph=True)
+    torch.autograd.grad(g.pow(2).sum(), [w[1]], retain_graph=True)  # second order: fine
+    with pytest.raises(RuntimeError, match="second order, not third"):
+        torch.autograd.grad(g.pow(2).sum(), [w[1]], create_graph=True)
 
 
 def test_broadcast_weights_give_the_same_gradients_as_materialised_copies():

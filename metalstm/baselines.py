@@ -13,7 +13,6 @@ Everything here is plain PyTorch/NumPy on the task-batch layout of :mod:`metalst
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor
 from metalstm.data import PAD, Split, collate
 from metalstm.maml import InnerRates, NonFiniteLossError, inner_loop
 from metalstm.models import MetaModel, batched
+from metalstm.training import fit
 
 Params = Mapping[str, Tensor]
 
@@ -208,31 +208,22 @@ def pretrain(model: MetaModel, pairs: Sequence[tuple[Any, Any]], *, steps: int, 
         raise ValueError("pairs: no training sequences to pre-train on")
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history, best, best_state = [], float("inf"), None
-    t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(1, steps + 1):
+
+    def step(i: int) -> dict:
         idx = rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False)
-        split = as_split([pairs[i] for i in idx]).to(device, dtype)
+        split = as_split([pairs[j] for j in idx]).to(device, dtype)
         opt.zero_grad()
         loss = model.task_loss(batched(model, 1), split).sum()
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"pretrain step {step}: loss is not finite; lower baselines.pretrain_lr")
+            raise NonFiniteLossError(f"pretrain step {i}: loss is not finite; lower baselines.pretrain_lr")
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        row = {"step": step, "loss": float(loss.detach())}
-        if validate is not None and val_every > 0 and (step % val_every == 0 or step == steps):
-            row["val"] = validate()
-            if row["val"] < best:
-                best, best_state = row["val"], {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append(row)
-        if log is not None and (step % log_every == 0 or step == steps):
-            log(row)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"history": history, "best_val": best, "wall_s": time.perf_counter() - t0,
-            "cpu_s": time.process_time() - c0, "steps": steps, "sequences_seen": steps * min(batch_size, len(pairs))}
+        return {"loss": float(loss.detach())}
+
+    out = fit(model, step, steps, validate=validate, val_every=val_every, log=log, log_every=log_every)
+    return {**out, "sequences_seen": steps * min(batch_size, len(pairs))}
 
 
 def _adam_steps(model: MetaModel, params: dict[str, Tensor], support: Split, steps: int, lr: float,

@@ -1,6 +1,6 @@
-"""Predictions from a character language model's fast weights: next-token distributions and sampling.
+"""Predictions from fast weights: each family's query prediction, next-token distributions and sampling.
 
-Both run task-batched (``params`` are ``[T, ...]`` fast weights, prompts ``[T, N, L]``), so a serving
+All run task-batched (``params`` are ``[T, ...]`` fast weights, prompts ``[T, N, L]``), so a serving
 batch of adapted tasks decodes in one pass. Right-padded prompts are fine: padded steps carry the state,
 so the last column of the outputs is each prompt's state after its last real token.
 """
@@ -11,7 +11,27 @@ import torch
 from torch import Tensor
 
 from metalstm.data import EOS
-from metalstm.models import CharLM, Params
+from metalstm.models import CharLM, MetaModel, Params
+
+
+@torch.no_grad()
+def predict(model: MetaModel, params: Params, x: Tensor, x_mask: Tensor, *, max_len: int = 0,
+            beam: int = 1) -> Tensor:
+    """What each family predicts for query inputs ``x [T, N, ...]``: the one dispatch on the model family.
+
+    regression, forecast: values ``[T, N, O]``; lm: next-token logits at every position ``[T, N, L, V]``;
+    mt: translations ``[T, N, ≤max_len]`` (greedy, or beam search with ``beam > 1``; ``max_len`` 0 means
+    twice the source length + 10).
+    """
+    if model.family == "regression":
+        return model(params, x)
+    if model.family == "forecast":
+        return model(params, x, x_mask)
+    if model.family == "lm":
+        return model(params, x, x_mask)[0]
+    if model.family == "mt":
+        return model.translate(params, x, x_mask, max_len if max_len > 0 else 2 * x.shape[-1] + 10, beam)
+    raise ValueError(f"model family: expected regression, forecast, lm or mt, got {model.family!r}")
 
 
 @torch.no_grad()

@@ -4,8 +4,10 @@ Every weight carries a leading task dimension ``T``: task ``t`` runs with its ow
 all tasks advance together through batched matmuls. Nothing here calls cuDNN's RNN kernels, so the
 whole graph supports double backward (second-order MAML) on CPU and CUDA alike.
 
-The LSTM layer is one autograd node (``_LSTMLayer``) whose backward is itself written in differentiable
-ops: MAML's hot path, built for speed. The GRU is plain autograd over per-step ops.
+The LSTM layer is MAML's hot path, built for speed: one autograd node (``_LSTMLayer``) with a hand-written
+backward, which under ``create_graph`` records itself as a second node (``_LSTMLayerGrad``) with a
+hand-written backward of its own, so second-order MAML never replays per-step ops through autograd.
+The GRU is plain autograd over per-step ops.
 
 Shapes: inputs ``[T, B, L, D]`` (tasks, sequences per task, time, features); masks ``[T, B, L]``
 (1 = real step). On padded steps the state is carried unchanged, so right-padding never alters the
@@ -84,14 +86,13 @@ class _LSTMLayer(torch.autograd.Function):
       ``[dc, dc, dc, dh] ⊙ coef``;
     - ``q = o·tanh'(c)``, so that ``dc += dh ⊙ q``.
 
-    The backward is the exact vector-Jacobian product written with differentiable torch ops on the saved
-    inputs *and outputs* (saved outputs are part of the graph), so autograd differentiates it again for
-    second-order MAML; gradients reaching ``coef`` and ``q`` that way are folded back by ``_local_vjp``.
-    Everything here is for speed on top of plain autograd:
+    The backward (``_lstm_backward``) is the exact vector-Jacobian product, computed without a graph. When
+    autograd must differentiate it (``create_graph``: second-order MAML), it runs as ``_LSTMLayerGrad``,
+    whose hand-written backward sends gradients to the saved gates, ``coef``, ``q`` and ``hs``; those
+    reach this node's backward again, which folds them in with ``_local_vjp``. For speed:
 
-    - the forward records no graph: a few in-place ops per step into preallocated outputs, ``coef`` and
-      ``q`` included, which leaves the backward's recurrence (what double backward differentiates) at
-      six ops per step;
+    - the forward records no graph: a few in-place ops per step into preallocated outputs; ``coef`` and
+      ``q`` are skipped when no backward will follow;
     - the weight, bias and input gradients are a few large matmuls over blocks of ``_BLOCK`` steps
       (``[4H, n·B] @ [n·B, ·]`` per task), not ``L`` per-step outer products summed one by one;
     - when all tasks hold the same weights (θ broadcast before the first inner step: stride 0), each step

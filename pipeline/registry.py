@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 import metalstm
 from metalstm import MetaLearner, ModelConfig, collate, learner_from_checkpoint, load_checkpoint
 from metalstm.data import EOS
+from metalstm.decoding import predict
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +118,9 @@ def predict_tasks(learner: MetaLearner, tasks: list[dict], *, steps: int | None 
     batch = collate(filled).to(_device(learner), _dtype(learner))
     fast, _ = learner.adapt(batch.support, steps)
     x, x_mask = batch.query.x, batch.query.x_mask
-    with torch.no_grad():
-        if kind == "mlp":
-            pred = model(fast, x)
-        elif kind == "forecaster":
-            pred = model(fast, x, x_mask)
-        elif kind == "char_lm":
-            logits, _ = model(fast, x, x_mask)
-            pred = torch.log_softmax(logits, -1) if output == "logprobs" else logits.argmax(-1)
-        else:
-            limit = max_len if max_len > 0 else 2 * x.shape[-1] + 10
-            pred = model.translate(fast, x, x_mask, limit)
+    pred = predict(model, fast, x, x_mask, max_len=max_len)
+    if kind == "char_lm":
+        pred = torch.log_softmax(pred, -1) if output == "logprobs" else pred.argmax(-1)
     out = []
     for t, task in enumerate(tasks):
         rows = []

@@ -40,7 +40,7 @@ from ray import serve
 
 from metalstm import MetaLearner, NonFiniteLossError, collate, series
 from metalstm.data import EOS, PAD
-from metalstm.decoding import next_token_logits, sample_continuation
+from metalstm.decoding import predict, sample_continuation
 from metalstm.runtime import retain_freed_memory
 from pipeline.adapter_cache import AdapterCache, AdapterTooLargeError, tensor_bytes
 from pipeline.serve_schema import (
@@ -407,42 +407,40 @@ def predict_group(served: ServedModel, params: dict[str, torch.Tensor], queries:
     model, family = served.model, served.family
     split = _split(queries)
     counts = [len(q) for q in queries]
-    with torch.no_grad():
-        if family in ("regression", "forecast"):
-            pred = model(params, split.x) if family == "regression" else model(params, split.x, split.x_mask)
-            out = []
-            for g, n in enumerate(counts):
-                rows = pred[g, :n].double().numpy()
-                if scales[g] is not None:
-                    rows = series.unscale(rows, *scales[g])
-                out.append([Prediction(values=r.tolist()) for r in rows])
-            return out
-        if family == "lm" and decode.mode == "distribution":
-            logits, _ = next_token_logits(model, params, split.x, split.x_mask)
-            probs = torch.softmax(logits.double(), -1)
-            vocab = served.vocab()
-            out = []
-            for g, n in enumerate(counts):
-                preds = []
-                for p in probs[g, :n]:
-                    top = p.topk(min(decode.top, p.numel()))
-                    preds.append(Prediction(next_token_probs=p.tolist(), top=[
-                        {"id": int(i), "p": float(v), "token": None if vocab is None else vocab.tokens[int(i)]}
-                        for v, i in zip(top.values, top.indices)]))
-                out.append(preds)
-            return out
-        if family == "lm":
-            gen = torch.Generator().manual_seed(decode.seed if decode.seed is not None else
-                                                int.from_bytes(os.urandom(8), "little") >> 1)
-            tokens = sample_continuation(model, params, split.x, split.x_mask, decode.max_new_tokens,
-                                         temperature=decode.temperature, top_k=decode.top_k, generator=gen)
-        else:
-            tokens = model.translate(params, split.x, split.x_mask, decode.max_len, decode.beam)
+    if family in ("regression", "forecast"):
+        pred = predict(model, params, split.x, split.x_mask)
         out = []
         for g, n in enumerate(counts):
-            seqs = [_trim(row) for row in tokens[g, :n].tolist()]
-            out.append([Prediction(tokens=s, text=_text(served, s)) for s in seqs])
+            rows = pred[g, :n].double().numpy()
+            if scales[g] is not None:
+                rows = series.unscale(rows, *scales[g])
+            out.append([Prediction(values=r.tolist()) for r in rows])
         return out
+    if family == "lm" and decode.mode == "distribution":
+        probs = torch.softmax(predict(model, params, split.x, split.x_mask)[:, :, -1].double(), -1)
+        vocab = served.vocab()
+        out = []
+        for g, n in enumerate(counts):
+            preds = []
+            for p in probs[g, :n]:
+                top = p.topk(min(decode.top, p.numel()))
+                preds.append(Prediction(next_token_probs=p.tolist(), top=[
+                    {"id": int(i), "p": float(v), "token": None if vocab is None else vocab.tokens[int(i)]}
+                    for v, i in zip(top.values, top.indices)]))
+            out.append(preds)
+        return out
+    if family == "lm":
+        gen = torch.Generator().manual_seed(decode.seed if decode.seed is not None else
+                                            int.from_bytes(os.urandom(8), "little") >> 1)
+        tokens = sample_continuation(model, params, split.x, split.x_mask, decode.max_new_tokens,
+                                     temperature=decode.temperature, top_k=decode.top_k, generator=gen)
+    else:
+        tokens = predict(model, params, split.x, split.x_mask, max_len=decode.max_len, beam=decode.beam)
+    out = []
+    for g, n in enumerate(counts):
+        seqs = [_trim(row) for row in tokens[g, :n].tolist()]
+        out.append([Prediction(tokens=s, text=_text(served, s)) for s in seqs])
+    return out
 
 
 def predict_jobs(jobs: list[Job], params: list[dict[str, torch.Tensor]]) -> list[list[Prediction] | Exception]:

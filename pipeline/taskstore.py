@@ -679,10 +679,18 @@ def read_dataset(uri: str, split: str, *, materialize: bool | None = None) -> ra
     return ds.materialize() if materialize else ds
 
 
+def shard_table(shard: Any) -> pa.Table | None:
+    """A shard's tasks (a Ray ``DataIterator`` such as ``train.get_dataset_shard``, or a ``Dataset``) as one
+    Arrow table sorted by ``task_id``; None when the shard is empty. Task stores hold thousands of small
+    tasks, so a worker reads its shard once and reuses the table every epoch."""
+    tables = [t for t in shard.iter_batches(batch_format="pyarrow", batch_size=4096) if t.num_rows]
+    return pa.concat_tables(tables, promote_options="permissive").sort_by("task_id") if tables else None
+
+
 def task_batches(shard: Any, batch_size: int, *, seed: int, epoch: int,
                  drop_last: bool = False) -> Iterator[list[dict]]:
-    """One epoch of a shard (a Ray ``DataIterator`` such as ``train.get_dataset_shard``, or a ``Dataset``)
-    as lists of ``batch_size`` task dicts, ready for ``metalstm.data.collate``.
+    """One epoch of a shard (as for ``shard_table``, or the table it returned) as lists of ``batch_size``
+    task dicts, ready for ``metalstm.data.collate``.
 
     The order is a permutation of the shard's tasks sorted by ``task_id``, drawn from ``(seed, epoch)``:
     the same seed and epoch give the same order whatever order Ray delivered the blocks in. The shard is
@@ -690,10 +698,9 @@ def task_batches(shard: Any, batch_size: int, *, seed: int, epoch: int,
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    tables = [t for t in shard.iter_batches(batch_format="pyarrow", batch_size=4096) if t.num_rows]
-    if not tables:
+    table = shard if isinstance(shard, pa.Table) else shard_table(shard)
+    if table is None or not table.num_rows:
         return
-    table = pa.concat_tables(tables, promote_options="permissive").sort_by("task_id")
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(table.num_rows)
     stop = table.num_rows - (table.num_rows % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):

@@ -55,30 +55,19 @@ def allreduce_sum(tensors: list[torch.Tensor], bucket_bytes: int) -> None:
         offset += t.numel()
 
 
-class _CachedShard:
-    """A worker's shard read once and kept as Arrow tables: later epochs re-shuffle it without re-reading.
-
-    Task stores hold thousands of small tasks, so a shard fits in memory; re-executing the Ray Data
-    pipeline every epoch would cost seconds per epoch on small stores.
-    """
-
-    def __init__(self, shard: Any) -> None:
-        self.tables = [t for t in shard.iter_batches(batch_format="pyarrow", batch_size=4096) if t.num_rows]
-
-    def iter_batches(self, **_: Any) -> Iterator[Any]:
-        return iter(self.tables)
-
-
 def task_stream(shard: Any, batch_size: int, seed: int, first_epoch: int) -> Iterator[list[dict]]:
-    """This worker's tasks, ``batch_size`` at a time, epoch after epoch (a fresh seeded shuffle each)."""
-    from pipeline.taskstore import task_batches
+    """This worker's tasks, ``batch_size`` at a time, epoch after epoch (a fresh seeded shuffle each).
 
-    cached = _CachedShard(shard)
-    if not cached.tables:
+    The shard is read once: re-executing the Ray Data pipeline every epoch costs seconds on small stores.
+    """
+    from pipeline.taskstore import shard_table, task_batches
+
+    table = shard_table(shard)
+    if table is None:
         raise RuntimeError("this worker's training shard is empty: more workers than training tasks?")
     epoch = first_epoch
     while True:
-        yield from task_batches(cached, batch_size, seed=seed, epoch=epoch)
+        yield from task_batches(table, batch_size, seed=seed, epoch=epoch)
         epoch += 1
 
 

@@ -30,7 +30,9 @@ from metalstm import (
     save_checkpoint,
 )
 from metalstm import checkpoint as checkpoint_module
+from metalstm.decoding import predict
 from metalstm.models import batched
+from metalstm.training import fit
 
 F64 = torch.float64
 
@@ -230,6 +232,46 @@ def test_seq2seq_greedy_and_beam_search_are_exact():
         logits[..., PAD] = -math.inf
         real = int((torch.cumsum((prefix == EOS).long(), 0) - (prefix == EOS).long() == 0).sum())
         assert torch.equal(logits[0, 0, :real].argmax(-1), prefix[:real])
+
+
+def test_predict_dispatches_on_the_family():
+    """``decoding.predict`` is the one place that knows what each family predicts for a query."""
+    torch.manual_seed(5)
+    x_lm = torch.randint(4, 9, (2, 3, 6))
+    mask = torch.ones(2, 3, 6)
+    cases = [(MLP([1, 8, 2]), torch.randn(2, 3, 1), (2, 3, 2)),
+             (Forecaster(1, 8, 1, 4), torch.randn(2, 3, 6, 1), (2, 3, 4)),
+             (CharLM(9, 8, 4, 1), x_lm, (2, 3, 6, 9))]
+    for model, x, shape in cases:
+        params = batched(model, 2)
+        out = predict(model, params, x, mask)
+        assert out.shape == shape and not out.requires_grad
+    s2s = Seq2Seq(9, 7, 4, 8, 1)
+    params = noisy_params(s2s, 2, scale=1.0)
+    torch.testing.assert_close(predict(s2s, params, x_lm, mask, max_len=5),
+                               s2s.translate(params, x_lm, mask, max_len=5))
+    assert predict(s2s, params, x_lm, mask).shape[-1] <= 2 * 6 + 10  # default: twice the source + 10
+
+
+def test_fit_ends_at_the_best_validated_state():
+    model = torch.nn.Linear(1, 1)
+    vals = iter([3.0, 1.0, 2.0])
+    seen = []
+
+    def step(i: int) -> dict:
+        with torch.no_grad():
+            model.weight.fill_(float(i))
+        return {"loss": float(i)}
+
+    def validate() -> float:
+        seen.append(float(model.weight))
+        return next(vals)
+
+    out = fit(model, step, 3, validate=validate, val_every=1)
+    assert seen == [1.0, 2.0, 3.0] and out["best_val"] == 1.0 and float(model.weight) == 2.0
+    assert [r["step"] for r in out["history"]] == [1, 2, 3] and out["history"][1]["val"] == 1.0
+    with pytest.raises(ValueError, match="steps"):
+        fit(model, step, -1)
 
 
 def test_seq2seq_all_padding_rows_give_finite_logits():

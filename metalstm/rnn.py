@@ -16,6 +16,7 @@ outputs at real steps nor the final state.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -67,7 +68,9 @@ def _rows_matmul(rows: Tensor, w: Tensor) -> Tensor:
     return torch.bmm(rows, w)
 
 
-_BLOCK = 8  # steps per block of gate gradients folded into the weight gradients (not recording)
+# A block of gate gradients folded into the weight gradients at once holds at most this many bytes (unless
+# recording): large enough for efficient matmuls, small enough to stay in cache and avoid page faults
+_BLOCK_BYTES = 4 << 20
 
 
 def _gates(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -93,7 +96,7 @@ class _LSTMLayer(torch.autograd.Function):
 
     - the forward records no graph: a few in-place ops per step into preallocated outputs; ``coef`` and
       ``q`` are skipped when no backward will follow;
-    - the weight, bias and input gradients are a few large matmuls over blocks of ``_BLOCK`` steps
+    - the weight, bias and input gradients are a few large matmuls over blocks of at most ``_BLOCK_BYTES``
       (``[4H, n·B] @ [n·B, ·]`` per task), not ``L`` per-step outer products summed one by one;
     - when all tasks hold the same weights (θ broadcast before the first inner step: stride 0), each step
       is one plain matmul over all ``T·B`` rows. The returned weight gradients are still per task (each
@@ -108,41 +111,54 @@ class _LSTMLayer(torch.autograd.Function):
         hidden = w_hh.shape[-1]
         ih_shared = _shared(w_ih) and _shared(b_ih) and _shared(b_hh)
         hh_shared = _shared(w_hh)
-        # every step's x @ W_ih^T + b: the gates are then computed in place in this buffer
+        # every step's x @ W_ih^T + b: the gates are then computed in place in this buffer. The g gate uses
+        # tanh(z) = 2·sigmoid(2z) - 1 (one sigmoid over all four gates: tanh on a strided slice is many times
+        # slower on CPU), so the g rows of the weights and bias enter doubled
+        g_rows = slice(2 * hidden, 3 * hidden)
+        bias = b_ih + b_hh
+        bias[..., g_rows] *= 2
         if ih_shared:
             x_rows = x.permute(2, 0, 1, 3).reshape(length * t * b, d)
-            acts = torch.addmm(b_ih[0] + b_hh[0], x_rows, w_ih[0].t()).view(length, t, b, 4 * hidden)
+            w_x = w_ih[0].t().clone()
+            w_x[:, g_rows] *= 2
+            acts = torch.addmm(bias[0], x_rows, w_x).view(length, t, b, 4 * hidden)
         else:  # one batched matmul (each task's rows), then the bias added on the way into the time-major layout
             x_rows = x.transpose(1, 2).reshape(t, length * b, d)
-            proj = torch.bmm(x_rows, w_ih.transpose(1, 2)).view(t, length, b, 4 * hidden).transpose(0, 1)
-            acts = torch.add(proj, (b_ih + b_hh)[:, None], out=x.new_empty(length, t, b, 4 * hidden))
+            w_x = w_ih.transpose(1, 2).clone()
+            w_x[..., g_rows] *= 2
+            proj = torch.bmm(x_rows, w_x).view(t, length, b, 4 * hidden).transpose(0, 1)
+            acts = torch.add(proj, bias[:, None], out=x.new_empty(length, t, b, 4 * hidden))
         # no backward will follow (evaluation, serving): the local derivatives are not worth computing
         coef, q = (torch.empty_like(acts), acts.new_empty(length, t, b, hidden)) if backward else (acts, acts)
         hs, cs = x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)
-        w = w_hh[0].t() if hh_shared else w_hh.transpose(1, 2).contiguous()
-        steps = zip(acts.unbind(0), coef.unbind(0), q.unbind(0), hs.unbind(1), cs.unbind(1))
+        w = w_hh[0].t().clone() if hh_shared else w_hh.transpose(1, 2).contiguous()
+        w[..., g_rows] *= 2
+        minus_one, zero = x.new_full((), -1.0), x.new_zeros(())
+        # every step's views made up front: per-step indexing would cost more calls than the tiny steps of
+        # serving take to compute
+        rows = acts.view(length, t * b, 4 * hidden).unbind(0)
+        gates = zip(*(v.unbind(0) for v in acts.view(length, t, b, 4, hidden).unbind(3)))
+        local = (zip(*(v.unbind(0) for v in coef.view(length, t, b, 4, hidden).unbind(3))) if backward
+                 else itertools.repeat((None,) * 4))
+        steps = zip(acts.unbind(0), rows, gates, coef.unbind(0), local, q.unbind(0), hs.unbind(1), cs.unbind(1))
         h, c = h0, c0
-        for s, (a, k, q_s, h_s, c_s) in enumerate(steps):
+        for s, (a, a_rows, (i, f, g, o), k, (k_i, k_f, k_g, k_o), q_s, h_s, c_s) in enumerate(steps):
             if hh_shared:
-                a.view(t * b, -1).addmm_(h.reshape(t * b, hidden), w)
+                a_rows.addmm_(h.reshape(t * b, hidden), w)
             else:
                 a.baddbmm_(h, w)
-            # one sigmoid over all four gates, with tanh(z) = 2·sigmoid(2z) - 1 for g: tanh on a strided
-            # slice is many times slower than sigmoid on the whole contiguous block (CPU, several threads)
-            i, f, g, o = _gates(a)
-            g.mul_(2)
-            a.sigmoid_()
-            g.mul_(2).sub_(1)
+            a.sigmoid_()  # the g block now holds s = sigmoid(2z)
+            if backward:
+                torch.addcmul(a, a, a, value=-1, out=k)  # σ' = σ - σ²; for g, s(1 - s) = (1 - tanh²z) / 4
+            torch.add(minus_one, g, alpha=2, out=g)  # g = 2s - 1 = tanh(z)
             torch.mul(f, c, out=c_s).addcmul_(i, g)  # c = f·c_prev + i·g
             tanh_c = torch.tanh(c_s)
             torch.mul(o, tanh_c, out=h_s)  # h = o·tanh(c)
             if backward:
                 torch.addcmul(o, h_s, tanh_c, value=-1, out=q_s)  # o·(1 - tanh²c)
-                torch.addcmul(a, a, a, value=-1, out=k)  # σ' = σ - σ² (the g block is replaced below)
-                k_i, k_f, k_g, k_o = _gates(k)
                 k_i.mul_(g)
                 k_f.mul_(c)
-                torch.addcmul(i, i * g, g, value=-1, out=k_g)  # i·(1 - g²)
+                torch.addcmul(zero, k_g, i, value=4, out=k_g)  # i·(1 - g²)
                 k_o.mul_(tanh_c)
             if not real[s]:  # padded: carry the state; nothing flows through the discarded new one
                 m = keep[s]
@@ -233,15 +249,21 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
         if d_b is not None:
             d_b.add_(rows.sum(1))
 
-    # dz of every step when recording, else of blocks of _BLOCK steps: large fresh buffers cost page faults
-    dz_all = x.new_empty(t, length, b, 4 * hidden) if record else None
+    # dz of blocks of _BLOCK_BYTES (all steps when recording: large fresh buffers cost page faults), written
+    # time-major so that each step's dz is one contiguous matrix; per-task rows once per block for the fold
+    k4 = coef.view(length, t, b, 4, hidden)
+    k_ifg, k_o = k4[..., :3, :].unbind(0), k4[..., 3, :].unbind(0)
+    f_gate, q = acts.view(length, t, b, 4, hidden)[..., 1, :].unbind(0), q.unbind(0)
+    dz_all = None
+    block_steps = max(1, _BLOCK_BYTES // (t * b * 4 * hidden * x.element_size()))
     dh_all, dc_all = (x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)) if record else (None, None)
     block, start = None, length
     dh, dc = d_h_last, d_c_last  # gradients flowing into step s from step s + 1
     for s in reversed(range(length)):
         if block is None:
-            start = 0 if record else max(s + 1 - _BLOCK, 0)
-            block = dz_all if record else x.new_empty(t, s + 1 - start, b, 4 * hidden)
+            start = 0 if record else max(s + 1 - block_steps, 0)
+            block = x.new_empty(s + 1 - start, t, b, 4, hidden)
+            z_ifg, z_o, z_rows = block[..., :3, :].unbind(0), block[..., 3, :].unbind(0), block.flatten(3).unbind(0)
         m = None if real[s] else keep[s]
         dh = _plus(None if d_hs is None else d_hs[:, s], dh)
         dc = _plus(None if d_cs is None else d_cs[:, s], dc)
@@ -254,23 +276,23 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
                                                            hs[:, s], m, *step)
             dc += dc_local
         # c = f·c_prev + i·g, h = o·tanh(c): dz = [dc, dc, dc, dh] ⊙ coef
-        dz = torch.empty_like(coef[s])
-        z4, k4 = dz.view(t, b, 4, hidden), coef[s].view(t, b, 4, hidden)
-        torch.mul(k4[:, :, :3], dc.unsqueeze(2), out=z4[:, :, :3])
-        torch.mul(k4[:, :, 3], dh, out=z4[:, :, 3])
+        torch.mul(k_ifg[s], dc.unsqueeze(2), out=z_ifg[s - start])
+        torch.mul(k_o[s], dh, out=z_o[s - start])
+        dz = z_rows[s - start]
         if dz_local is not None:
             dz += dz_local
-        block[:, s - start] = dz
         if record:
             dh_all[:, s], dc_all[:, s] = dh, dc
-        dh_prev, dc_prev = _rows_matmul(dz, w), dc * _gates(acts[s])[1]
+        dh_prev, dc_prev = torch.matmul(dz, w), dc * f_gate[s]
         if dc_prev_local is not None:
             dc_prev += dc_prev_local
         if m is not None:  # padded: the state was carried (coef and q are 0 there), so is its gradient
             dh_prev, dc_prev = dh_prev + torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
         dh, dc = dh_prev, dc_prev
         if s == start:
-            fold(block, start)
+            rows = block.view(-1, t, b, 4 * hidden).transpose(0, 1).contiguous()  # [T, n, B, 4H]
+            fold(rows, start)
+            dz_all = rows if record else None
             block = None
     d_x = None if d_x is None else d_x.transpose(1, 2)
     return d_x, d_w_ih, d_w_hh, d_b, dh, dc, dz_all, dh_all, dc_all

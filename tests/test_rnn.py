@@ -126,9 +126,9 @@ def test_lstm_node_gradients_on_every_output(shared, monkeypatch):
     second backward of MAML sends gradients there), and its hand-written second-order node on the four
     outputs a caller can use, with padding and the one-matmul path taken when every task holds the same
     (broadcast) weights; the backward folds the steps into the weight gradients in several blocks."""
-    monkeypatch.setattr(rnn_module, "_BLOCK", 2)
     torch.manual_seed(6)
     tasks, batch, length, d, hidden = 2, 2, 5, 2, 2
+    monkeypatch.setattr(rnn_module, "_BLOCK_BYTES", 2 * (tasks * batch * 4 * hidden * 8))  # 2 steps
 
     # the weights' leaves: one per task, or one shared by all tasks and broadcast inside f
     lead = () if shared else (tasks,)

@@ -136,7 +136,7 @@ class _LSTMLayer(torch.autograd.Function):
         minus_one, zero = x.new_full((), -1.0), x.new_zeros(())
         # every step's views made up front: per-step indexing would cost more calls than the tiny steps of
         # serving take to compute
-        rows = acts.view(length, t * b, 4 * hidden).unbind(0)
+        rows = acts.view(length, t * b, 4 * hidden).unbind(0) if hh_shared else itertools.repeat(None)
         gates = zip(*(v.unbind(0) for v in acts.view(length, t, b, 4, hidden).unbind(3)))
         local = (zip(*(v.unbind(0) for v in coef.view(length, t, b, 4, hidden).unbind(3))) if backward
                  else itertools.repeat((None,) * 4))

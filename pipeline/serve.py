@@ -615,7 +615,7 @@ class AdaptationServer:
     # for more requests is short: a lone request should not idle, and under load requests queue up while
     # the previous batch computes, so batches fill anyway
 
-    @serve.batch(max_batch_size=MAX_BATCH_CELLS, batch_wait_timeout_s=0.002, batch_size_fn=_batch_cost)
+    @serve.batch(max_batch_size=MAX_BATCH_CELLS, batch_wait_timeout_s=0.001, batch_size_fn=_batch_cost)
     async def _adapt_batch(self, jobs: list[Job]) -> list[Any]:
         return await asyncio.to_thread(self._adapt_and_predict, jobs)
 

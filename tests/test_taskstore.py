@@ -25,6 +25,7 @@ from pipeline.taskstore import (
     read_dataset,
     read_manifest,
     read_tasks,
+    shard_table,
     task_batches,
     verify_store,
     write_store,
@@ -363,6 +364,11 @@ def test_shuffle_per_epoch_and_collate(ray_cluster, tmp_path):
         _same(by_id[t["task_id"]], t)
     with pytest.raises(ValueError, match="batch_size"):
         next(task_batches(ds, 0, seed=0, epoch=0))
+    # a worker reads its shard once into a sorted table; epochs over the table give the same orders
+    table = shard_table(ds)
+    assert table.column("task_id").to_pylist() == sorted(t["task_id"] for t in tasks)
+    assert _ids(task_batches(table, 8, seed=3, epoch=0)) == first
+    assert _ids(task_batches(table, 8, seed=3, epoch=1)) == _ids(task_batches(ds, 8, seed=3, epoch=1))
 
 
 @pytest.mark.ray

@@ -218,13 +218,14 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
                    d_h_last: Tensor | None, d_c_last: Tensor | None, record: bool = False) -> tuple:
     """The layer's vector-Jacobian product, recording no graph.
 
-    A reverse-time recurrence of a few ops and one matmul per step; every step's gate gradients ``dz`` go
-    into one ``[T, L, B, 4H]`` buffer, from which the input, weight and bias gradients are a few large
-    matmuls. Gradients reaching the saved gates, ``coef`` and ``q`` (the second backward of second-order
-    MAML) are folded in step by step by ``_local_vjp``.
+    A reverse-time recurrence of a few ops and one matmul per step; the steps' gate gradients ``dz`` go into
+    blocks of at most ``_BLOCK_BYTES``, each folded into the input, weight and bias gradients with a few
+    large matmuls. Gradients reaching the saved gates, ``coef`` and ``q`` (the second backward of
+    second-order MAML) are folded in step by step by ``_local_vjp``.
 
-    Returns ``(d_x, d_w_ih, d_w_hh, d_b, dh0, dc0, dz, dh, dc)``; the last two (every step's ``dh`` and the
-    ``dc`` that entered ``dz``, ``[T, L, B, H]``) only with ``record``, for ``_LSTMLayerGrad``.
+    Returns ``(d_x, d_w_ih, d_w_hh, d_b, dh0, dc0, dz, dh, dc)``; the last three only with ``record``, for
+    ``_LSTMLayerGrad``: every step's ``dz`` (``[T, L, B, 4H]``), ``dh`` and the ``dc`` that entered ``dz``
+    (``[T, L, B, H]``).
     """
     t, b, length, d = x.shape
     hidden = h0.shape[-1]

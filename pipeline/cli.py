@@ -51,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         getattr(args, target).extend(extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from metalstm.runtime import retain_freed_memory
-
-    retain_freed_memory()  # meta-training, experiments and benchmarks reuse large tensor buffers in place
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:

@@ -53,8 +53,10 @@ from metalstm.baselines import (
     t_interval,
 )
 from metalstm.data import Split, TaskBatch, collate
+from metalstm.decoding import predict
 from metalstm.maml import MetaLearner
 from metalstm.models import Forecaster, build_model
+from metalstm.runtime import retain_freed_memory
 from metalstm.training import meta_train
 from pipeline.config import TrainConfig, apply_manifest, check, load_structured
 from pipeline.config import validate as validate_train
@@ -253,7 +255,7 @@ class Evaluator:
     def text_metrics(self, fast: dict[str, torch.Tensor], q: Split) -> dict[str, list[float]]:
         import sacrebleu
 
-        hyp = self.model.translate(fast, q.x, q.x_mask, self.cfg.max_len, beam=self.cfg.beam)
+        hyp = predict(self.model, fast, q.x, q.x_mask, max_len=self.cfg.max_len, beam=self.cfg.beam)
         bleu, chrf = [], []
         for t in range(q.x.shape[0]):
             rows = [n for n in range(q.y.shape[1]) if q.y_mask[t, n].sum() > 0]
@@ -864,6 +866,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
+    retain_freed_memory()  # this process meta-trains and adapts: reuse the layers' large buffers in place
     command = cfg.report.command or "metalstm experiment " + " ".join(
         shlex.quote(a) for a in [args.config, *args.overrides, *(["--store", args.store] if args.store else [])])
     if args.merge:

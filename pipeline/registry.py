@@ -34,6 +34,7 @@ import metalstm
 from metalstm import MetaLearner, ModelConfig, collate, learner_from_checkpoint, load_checkpoint
 from metalstm.data import EOS
 from metalstm.decoding import predict
+from metalstm.runtime import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -550,6 +551,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    retain_freed_memory()  # evaluation adapts on every task in this process
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_server(args.tracking_uri)  # a clear error now, not a minute of HTTP retries later
     try:

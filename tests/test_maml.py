@@ -491,3 +491,14 @@ def test_bench_rejects_bad_options(options, match):
 
     with pytest.raises(ValueError, match=match):
         bench(options)
+
+
+def test_cli_takes_key_value_options_after_flags(capsys):
+    """``metalstm bench maml --json key=value``: items after a flag still reach the benchmark's options."""
+    from pipeline.cli import main
+
+    assert main(["bench", "maml", "--json", "flux=1"]) == 2
+    assert "unknown option(s) ['flux']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # anything else after the flag is still an error
+        main(["bench", "maml", "--json", "--flux"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --flux" in capsys.readouterr().err

@@ -232,26 +232,25 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
     need_x, need_w_ih, need_w_hh, need_b_ih, need_b_hh = need
     local = d_acts is not None or d_coef is not None or d_q is not None
     w = w_hh[0] if hh_shared else w_hh
-    x_steps = x.transpose(1, 2)  # [T, L, B, D]
     d_x = x.new_empty(t, length, b, d) if need_x else None
-    d_w_ih = x.new_zeros(w_ih.shape) if need_w_ih else None
     d_w_hh = x.new_zeros(w_hh.shape) if need_w_hh else None
-    d_b = x.new_zeros(t, 4 * hidden) if need_b_ih or need_b_hh else None
+    # W_ih and the bias in one matmul per block: the inputs with a column of ones, [T, L, B, D + 1]
+    need_b = need_b_ih or need_b_hh
+    x_ones = torch.cat([x.transpose(1, 2), x.new_ones(t, length, b, 1)], -1) if need_w_ih or need_b else None
+    d_w_ih_b = x.new_zeros(t, 4 * hidden, d + 1) if x_ones is not None else None
 
     def fold(dz: Tensor, start: int) -> None:
         """Steps ``start …`` into the input, weight and bias gradients: a few large matmuls per block."""
         n, rows = dz.shape[1], _task_rows(dz)
         if need_x:
             d_x[:, start:start + n] = _rows_matmul(rows, w_ih[0] if ih_shared else w_ih).view(t, n, b, d)
-        if need_w_ih:
-            d_w_ih.baddbmm_(rows.transpose(1, 2), x_steps[:, start:start + n].reshape(t, n * b, d))
+        if d_w_ih_b is not None:  # Σ_s dz_sᵀ [x_s, 1]
+            d_w_ih_b.baddbmm_(rows.transpose(1, 2), _task_rows(x_ones[:, start:start + n]))
         if need_w_hh:  # Σ_s dz_sᵀ h_{s-1}
             _sum_dz_outer_previous(dz, hs[:, start - 1] if start else h0, hs[:, start:start + n], out=d_w_hh)
-        if d_b is not None:
-            d_b.add_(rows.sum(1))
 
     # dz of blocks of _BLOCK_BYTES (all steps when recording: large fresh buffers cost page faults), written
-    # time-major so that each step's dz is one contiguous matrix; per-task rows once per block for the fold
+    # task-major ([T, n, B, 4H]) so that each task's rows of a block are one matrix for the fold
     k4 = coef.view(length, t, b, 4, hidden)
     k_ifg, k_o = k4[..., :3, :].unbind(0), k4[..., 3, :].unbind(0)
     f_gate, q = acts.view(length, t, b, 4, hidden)[..., 1, :].unbind(0), q.unbind(0)
@@ -263,8 +262,8 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
     for s in reversed(range(length)):
         if block is None:
             start = 0 if record else max(s + 1 - block_steps, 0)
-            block = x.new_empty(s + 1 - start, t, b, 4, hidden)
-            z_ifg, z_o, z_rows = block[..., :3, :].unbind(0), block[..., 3, :].unbind(0), block.flatten(3).unbind(0)
+            block = x.new_empty(t, s + 1 - start, b, 4, hidden)
+            z_ifg, z_o, z_rows = block[..., :3, :].unbind(1), block[..., 3, :].unbind(1), block.flatten(3).unbind(1)
         m = None if real[s] else keep[s]
         dh = _plus(None if d_hs is None else d_hs[:, s], dh)
         dc = _plus(None if d_cs is None else d_cs[:, s], dc)
@@ -291,11 +290,13 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
             dh_prev, dc_prev = dh_prev + torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
         dh, dc = dh_prev, dc_prev
         if s == start:
-            rows = block.view(-1, t, b, 4 * hidden).transpose(0, 1).contiguous()  # [T, n, B, 4H]
+            rows = block.flatten(3)  # [T, n, B, 4H]
             fold(rows, start)
             dz_all = rows if record else None
             block = None
     d_x = None if d_x is None else d_x.transpose(1, 2)
+    d_w_ih = d_w_ih_b[..., :d] if need_w_ih else None
+    d_b = d_w_ih_b[..., d] if need_b else None
     return d_x, d_w_ih, d_w_hh, d_b, dh, dc, dz_all, dh_all, dc_all
 
 

@@ -4,6 +4,8 @@ A client sends a new task's support set; the replica adapts θ on it (``MetaLear
 training evaluates with) and predicts the query. Concurrent requests are batched with ``serve.batch`` into
 ONE task-batched inner loop: their support sets are collated into a single ``TaskBatch`` (one task per
 request, grouped by step count), so a batch of 32 costs one adaptation of 32 tasks, not 32 adaptations.
+While one batch computes, the batches ``serve.batch`` closes meanwhile are merged into the next one
+(``pipeline.coalesce``): under load each inner loop takes every request that waited for it.
 
 The model is a registered MLflow version, given to the deployment as ``user_config``
 (``{"model_uri": "models:/NAME/V", "tracking_uri": ...}``). ``reconfigure`` loads a new version in a
@@ -43,6 +45,7 @@ from metalstm.data import EOS, PAD
 from metalstm.decoding import predict, sample_continuation
 from metalstm.runtime import retain_freed_memory
 from pipeline.adapter_cache import AdapterCache, AdapterTooLargeError, tensor_bytes
+from pipeline.coalesce import Coalescer
 from pipeline.serve_schema import (
     MAX_BODY_BYTES,
     MAX_LENGTH,
@@ -581,6 +584,8 @@ class AdaptationServer:
         self.last_switch_error: str | None = None
         self.batched = batching  # False: one request at a time (the benchmark's baseline)
         self._serial = asyncio.Lock()
+        self._adapt_runner = Coalescer(self._adapt_and_predict, _batch_cost, MAX_BATCH_CELLS)
+        self._predict_runner = Coalescer(self._predict_with_adapters, len, MAX_BATCH_REQUESTS)
         self.batching = {name: {"batches": 0, "requests": 0, "largest": 0} for name in ("adapt", "predict")}
         if model:  # without user_config (a plain Python deployment); reconfigure replaces it later
             self.served = load_model(model["model_uri"], model.get("tracking_uri"), model.get("alias"))
@@ -611,13 +616,14 @@ class AdaptationServer:
             raise HTTPException(503, "no model loaded yet")
         return self.served
 
-    # --- batched work: run in a thread so the event loop keeps accepting (and batching) requests. The wait
-    # for more requests is short: a lone request should not idle, and under load requests queue up while
-    # the previous batch computes, so batches fill anyway
+    # --- batched work. serve.batch collects requests (waiting at most 1 ms: a lone request should not idle) and
+    # hands each batch over at once; the coalescer merges all that wait for the model into its next call, run
+    # in a thread so that the event loop keeps accepting requests meanwhile
 
-    @serve.batch(max_batch_size=MAX_BATCH_CELLS, batch_wait_timeout_s=0.001, batch_size_fn=_batch_cost)
+    @serve.batch(max_batch_size=MAX_BATCH_CELLS, batch_wait_timeout_s=0.001, batch_size_fn=_batch_cost,
+                 max_concurrent_batches=MAX_BATCH_REQUESTS)
     async def _adapt_batch(self, jobs: list[Job]) -> list[Any]:
-        return await asyncio.to_thread(self._adapt_and_predict, jobs)
+        return await self._adapt_runner.submit(jobs)
 
     def _count(self, name: str, size: int) -> None:
         stats = self.batching[name]
@@ -635,10 +641,14 @@ class AdaptationServer:
             results[i] = (adapted[i], p)
         return results
 
-    @serve.batch(max_batch_size=MAX_BATCH_REQUESTS, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=MAX_BATCH_REQUESTS, batch_wait_timeout_s=0.001,
+                 max_concurrent_batches=MAX_BATCH_REQUESTS)
     async def _predict_batch(self, jobs: list[Job]) -> list[Any]:
+        return await self._predict_runner.submit(jobs)
+
+    def _predict_with_adapters(self, jobs: list[Job]) -> list[Any]:
         self._count("predict", len(jobs))
-        return await asyncio.to_thread(predict_jobs, jobs, [j.params for j in jobs])
+        return predict_jobs(jobs, [j.params for j in jobs])
 
     async def _adapt(self, job: Job) -> tuple[dict[str, torch.Tensor], float, float, list[Prediction] | None]:
         if self.batched:
@@ -709,8 +719,7 @@ class AdaptationServer:
             preds = await self._predict_batch(job)
         else:
             async with self._serial:
-                self._count("predict", 1)
-                (preds,) = await asyncio.to_thread(predict_jobs, [job], [job.params])
+                (preds,) = await asyncio.to_thread(self._predict_with_adapters, [job])
         if isinstance(preds, Exception):
             raise RequestError(("query",), str(preds)) if isinstance(preds, ValueError) else HTTPException(
                 500, f"prediction failed: {type(preds).__name__}: {preds}")

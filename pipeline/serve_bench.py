@@ -5,7 +5,7 @@ deploys it twice (``/batched`` with ``serve.batch``, ``/unbatched`` one request 
 from a SECOND process at several concurrencies, for ``POST /v1/adapt`` and for adapter predict. Every
 request sends 7 days of hourly history (the raw-history form: the server windows and scales it).
 
-Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``96``), ``hidden`` (64),
+Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``192``), ``hidden`` (64),
 ``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``.
 """
 
@@ -143,7 +143,7 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
                          f"{options['concurrency']!r}") from None
     if not levels or min(levels) < 1 or max(levels) > 256:
         raise ValueError(f"bench option concurrency: each level must be in [1, 256], got {levels}")
-    total = _int(options, "requests", 96)
+    total = _int(options, "requests", 192)
     hidden, steps, days = _int(options, "hidden", 64), _int(options, "steps", 5, 0), _int(options, "days", 7, 5)
 
     with tempfile.TemporaryDirectory(prefix="metalstm-serve-bench-") as tmp:

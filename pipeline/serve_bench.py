@@ -11,6 +11,7 @@ Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``192
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -85,20 +87,29 @@ def history(days: int, seed: int) -> dict[str, list]:
 
 
 def _load(spec: dict[str, Any]) -> dict[str, Any]:
-    """Send ``spec["requests"]`` requests with ``spec["concurrency"]`` threads; latency percentiles, rate, errors."""
-    import requests
+    """Send ``spec["requests"]`` requests with ``spec["concurrency"]`` threads; latency percentiles, rate, errors.
 
-    base, path, concurrency, total = spec["base"], spec["path"], spec["concurrency"], spec["requests"]
-    bodies = spec["bodies"]
+    Each thread keeps one ``http.client`` connection (keep-alive) and posts bodies encoded once up front: the
+    client should spend as little of the 2 cores it shares with the server as it can (``requests`` costs
+    ≈ 1.9 ms of CPU per request here, this ≈ 0.4 ms).
+    """
+    parts = urlsplit(spec["base"])
+    paths, concurrency, total = spec["path"], spec["concurrency"], spec["requests"]
+    bodies = [json.dumps(b).encode() for b in spec["bodies"]]
+    headers = {"Content-Type": "application/json"}
     local = threading.local()
 
     def one(i: int) -> tuple[float, bool]:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
         start = time.perf_counter()
         try:
-            ok = session.post(base + path[i % len(path)], json=bodies[i % len(bodies)], timeout=120).ok
-        except requests.RequestException:
+            conn = getattr(local, "conn", None) or http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            local.conn = conn
+            conn.request("POST", parts.path + paths[i % len(paths)], body=bodies[i % len(bodies)], headers=headers)
+            response = conn.getresponse()
+            response.read()
+            ok = 200 <= response.status < 300
+        except (OSError, http.client.HTTPException):
+            local.conn = None  # reconnect on the next request
             ok = False
         return time.perf_counter() - start, ok
 

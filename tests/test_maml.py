@@ -24,6 +24,7 @@ from metalstm import (
     inner_loop,
     multi_step_weights,
 )
+from metalstm import rnn as rnn_module
 from metalstm.models import batched
 
 F64 = torch.float64
@@ -185,8 +186,10 @@ def mt_batch(src_vocab=9, tgt_vocab=8, tasks=2, n=3, src_len=5, tgt_len=4, seed=
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
-@pytest.mark.parametrize("cell,layers", [("lstm", 2), ("gru", 1)])
-def test_forecaster_meta_gradient_matches_per_task_reference(cell, layers, first_order):
+@pytest.mark.parametrize("cell,layers,local_bytes", [("lstm", 2, 1 << 40), ("lstm", 2, 0), ("gru", 1, 0)],
+                         ids=["lstm-local_derivatives_all_steps_at_once", "lstm-local_derivatives_step_by_step", "gru"])
+def test_forecaster_meta_gradient_matches_per_task_reference(cell, layers, local_bytes, first_order, monkeypatch):
+    monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", local_bytes)
     torch.manual_seed(0)
     model = Forecaster(2, 5, layers, 3, cell=cell).to(F64)
     learner = MetaLearner(model, MAMLConfig(inner_steps=2, inner_lr=0.3, first_order=first_order))

@@ -15,6 +15,9 @@ F64 = torch.float64
 TORCH_RNN = {"lstm": nn.LSTM, "gru": nn.GRU}
 LAYER = {"lstm": lstm_layer, "gru": gru_layer}
 GATES = {"lstm": 4, "gru": 3}
+# The LSTM forward computes its local derivatives all steps at once (small gates) or step by step (large):
+# the exactness tests run both
+LOCAL_DERIVATIVES = {"all_steps_at_once": 1 << 40, "step_by_step": 0}
 
 
 def per_task_weights(rnn: RNN, tasks: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -95,9 +98,11 @@ def test_right_padding_keeps_outputs_and_carries_the_final_state(cell):
             torch.testing.assert_close(out[t, n, real:], out[t, n, real - 1].expand(length - real, hidden))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gradgradcheck_with_masks_and_initial_state(cell):
+@pytest.mark.parametrize("cell,local", [("lstm", "all_steps_at_once"), ("lstm", "step_by_step"), ("gru", None)])
+def test_gradgradcheck_with_masks_and_initial_state(cell, local, monkeypatch):
     """Second-order gradients (what MAML needs) are exact, padding and carried state included."""
+    if local:
+        monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", LOCAL_DERIVATIVES[local])
     torch.manual_seed(3)
     tasks, batch, length, d, hidden = 2, 3, 4, 2, 2
     gates = GATES[cell] * hidden
@@ -120,8 +125,9 @@ def test_gradgradcheck_with_masks_and_initial_state(cell):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("local", sorted(LOCAL_DERIVATIVES))
 @pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
-def test_lstm_node_gradients_on_every_output(shared, monkeypatch):
+def test_lstm_node_gradients_on_every_output(shared, local, monkeypatch):
     """The LSTM node's hand-written backward on all seven outputs (gates and local derivatives included: the
     second backward of MAML sends gradients there), and its hand-written second-order node on the four
     outputs a caller can use, with padding and the one-matmul path taken when every task holds the same
@@ -129,6 +135,7 @@ def test_lstm_node_gradients_on_every_output(shared, monkeypatch):
     torch.manual_seed(6)
     tasks, batch, length, d, hidden = 2, 2, 5, 2, 2
     monkeypatch.setattr(rnn_module, "_BLOCK_BYTES", 2 * (tasks * batch * 4 * hidden * 8))  # 2 steps
+    monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", LOCAL_DERIVATIVES[local])
 
     # the weights' leaves: one per task, or one shared by all tasks and broadcast inside f
     lead = () if shared else (tasks,)

@@ -144,20 +144,22 @@ class _LSTMLayer(torch.autograd.Function):
         per_step = backward and not whole
         # every step's views made up front: per-step indexing would cost more calls than the tiny steps of
         # serving take to compute
-        rows = acts.view(length, t * b, 4 * hidden).unbind(0) if hh_shared else itertools.repeat(None)
+        # (a step's gates as one [T·B, 4H] matrix when the recurrent weights are shared, else [T, B, 4H])
+        step_gates = acts.view(length, t * b, 4 * hidden) if hh_shared else acts
         gates = zip(*(v.unbind(0) for v in acts.view(length, t, b, 4, hidden).unbind(3)))
-        local = (zip(*(v.unbind(0) for v in coef.view(length, t, b, 4, hidden).unbind(3))) if per_step
-                 else itertools.repeat((None,) * 4))
-        steps = zip(acts.unbind(0), rows, gates, coef.unbind(0), local, q.unbind(0), hs.unbind(1), cs.unbind(1))
+        local = (zip(coef.unbind(0), *(v.unbind(0) for v in coef.view(length, t, b, 4, hidden).unbind(3)))
+                 if per_step else itertools.repeat((None,) * 5))
+        steps = zip(step_gates.unbind(0), gates, local, q.unbind(0) if backward else itertools.repeat(None),
+                    hs.unbind(1), cs.unbind(1))
         h, c = h0, c0
-        for s, (a, a_rows, (i, f, g, o), k, (k_i, k_f, k_g, k_o), q_s, h_s, c_s) in enumerate(steps):
+        for s, (a, (i, f, g, o), (k, k_i, k_f, k_g, k_o), q_s, h_s, c_s) in enumerate(steps):
             if hh_shared:
-                a_rows.addmm_(h.reshape(t * b, hidden), w)
+                a.addmm_(h.reshape(t * b, hidden), w)
             else:
                 a.baddbmm_(h, w)
             a.sigmoid_()  # the g block now holds s = sigmoid(2z)
             if per_step:
-                torch.addcmul(a, a, a, value=-1, out=k)  # σ' = σ - σ²; for g, s(1 - s) = (1 - tanh²z) / 4
+                torch.addcmul(a, a, a, value=-1, out=k.view_as(a))  # σ' = σ - σ²; for g, s(1 - s) = (1 - tanh²z)/4
             torch.add(minus_one, g, alpha=2, out=g)  # g = 2s - 1 = tanh(z)
             torch.mul(f, c, out=c_s).addcmul_(i, g)  # c = f·c_prev + i·g
             tanh_c = torch.tanh(c_s, out=q_s) if whole else torch.tanh(c_s)  # q keeps tanh(c) for after the loop
@@ -292,9 +294,12 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
             block = x.new_empty(t, s + 1 - start, b, 4, hidden)
             z_ifg, z_o, z_rows = block[..., :3, :].unbind(1), block[..., 3, :].unbind(1), block.flatten(3).unbind(1)
         m = None if real[s] else keep[s]
-        dh = _plus(None if d_hs is None else d_hs[:, s], dh)
-        dc = _plus(None if d_cs is None else d_cs[:, s], dc)
-        dh = h0.new_zeros(t, b, hidden) if dh is None else dh
+        if d_hs is not None:
+            dh = _plus(d_hs[:, s], dh)
+        if d_cs is not None:
+            dc = _plus(d_cs[:, s], dc)
+        if dh is None:
+            dh = h0.new_zeros(t, b, hidden)
         dc = dh * q[s] if dc is None else torch.addcmul(dc, dh, q[s])  # h = o·tanh(c)
         dz_local = dc_prev_local = None
         if local:

@@ -61,6 +61,10 @@ class Coalescer:
                 results = await asyncio.to_thread(self.work, flat)
                 if len(results) != len(flat):
                     raise RuntimeError(f"batch work returned {len(results)} results for {len(flat)} items")
+            except asyncio.CancelledError:  # the replica is shutting down: nobody may wait forever
+                for _, future in [*taken, *self._pending]:
+                    future.cancel()
+                raise
             except Exception as e:  # noqa: BLE001 - handed to the submitters, whose requests fail alone
                 log.exception("batch of %d items failed", len(flat))
                 for _, future in taken:

@@ -55,7 +55,7 @@ from metalstm.baselines import (
 from metalstm.data import Split, TaskBatch, collate
 from metalstm.decoding import predict
 from metalstm.maml import MetaLearner
-from metalstm.models import Forecaster, build_model
+from metalstm.models import build_model
 from metalstm.runtime import retain_freed_memory
 from metalstm.training import meta_train
 from pipeline.config import TrainConfig, apply_manifest, check, load_structured
@@ -243,7 +243,7 @@ class Evaluator:
         out = {"loss": self.model.task_loss(fast, q).tolist()}
         pred = None
         if self.family in ("synthetic", "electricity"):  # forecaster, or the points-layout MLP (mse only)
-            pred = self.model(fast, q.x, q.x_mask) if isinstance(self.model, Forecaster) else None
+            pred = predict(self.model, fast, q.x, q.x_mask) if self.model.family == "forecast" else None
             out.update({k: m[k].tolist() for k in ("mse", "nd", "nrmse") if k in m})
         elif self.family == "ptb-char":
             out["bpc"] = m["bpc"].tolist()

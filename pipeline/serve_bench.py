@@ -7,6 +7,10 @@ request sends 7 days of hourly history (the raw-history form: the server windows
 
 Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``192``), ``hidden`` (64),
 ``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``.
+
+Each level also reports the machine's CPU time per request (``cpu_ms_per_request``: server, proxy and client
+together, from ``/proc/stat``) and how busy the cores were (``cpu_busy_share``), which shows whether a level
+was bound by CPU or by waiting.
 """
 
 from __future__ import annotations
@@ -86,6 +90,18 @@ def history(days: int, seed: int) -> dict[str, list]:
 # ----------------------------------------------------------------------------- the load (second process)
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """Machine-wide (busy, total) CPU seconds since boot from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
 def _load(spec: dict[str, Any]) -> dict[str, Any]:
     """Send ``spec["requests"]`` requests with ``spec["concurrency"]`` threads; latency percentiles, rate, errors.
 
@@ -115,13 +131,18 @@ def _load(spec: dict[str, Any]) -> dict[str, Any]:
 
     with ThreadPoolExecutor(concurrency) as pool:  # warm-up: connections, first batches
         list(pool.map(one, range(min(total, 2 * concurrency))))
-        start = time.perf_counter()
+        cpu_before, start = _cpu_seconds(), time.perf_counter()
         results = list(pool.map(one, range(total)))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_after = time.perf_counter() - start, _cpu_seconds()
     lat = np.array([r[0] for r in results]) * 1000
-    return {"concurrency": concurrency, "requests": total, "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests_per_s": round(total / elapsed, 2),
-            "errors": int(sum(not r[1] for r in results))}
+    out = {"concurrency": concurrency, "requests": total, "p50_ms": round(float(np.percentile(lat, 50)), 2),
+           "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests_per_s": round(total / elapsed, 2),
+           "errors": int(sum(not r[1] for r in results))}
+    if cpu_before and cpu_after:  # the whole machine (server, proxy, this client): what a request costs in CPU
+        busy, all_cpu = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+        out["cpu_ms_per_request"] = round(1000 * busy / total, 2)
+        out["cpu_busy_share"] = round(busy / max(all_cpu, 1e-9), 3)
+    return out
 
 
 def _drive(spec: dict[str, Any]) -> dict[str, Any]:

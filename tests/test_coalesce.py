@@ -96,3 +96,20 @@ def test_a_cancelled_submitter_is_skipped():
         assert work.calls == [[1], [3]]
 
     asyncio.run(main())
+
+
+def test_stopping_the_runner_cancels_every_waiting_submitter():
+    async def main() -> None:
+        work = Work()
+        runner = Coalescer(work, len, max_cost=1)
+        running = asyncio.create_task(runner.submit([1]))
+        await _started(work)
+        queued = asyncio.create_task(runner.submit([2]))
+        await asyncio.sleep(0.01)
+        runner._runner.cancel()  # what the event loop's shutdown does to it
+        for task in (running, queued):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        work.release.set()  # let the worker thread finish
+
+    asyncio.run(main())

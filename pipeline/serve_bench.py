@@ -98,8 +98,8 @@ def _cpu_seconds() -> tuple[float, float] | None:
     except (OSError, ValueError):
         return None
     hz = os.sysconf("SC_CLK_TCK")
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+    busy = sum(ticks[i] for i in (0, 1, 2, 5, 6) if i < len(ticks))  # user nice system irq softirq (not steal)
+    return busy / hz, sum(ticks[:8]) / hz
 
 
 def _load(spec: dict[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,9 @@ class _LSTMLayer(torch.autograd.Function):
     reach this node's backward again, which folds them in with ``_local_vjp``. For speed:
 
     - the forward records no graph: a few in-place ops per step into preallocated outputs; ``coef`` and
-      ``q`` are skipped when no backward will follow;
+      ``q`` are skipped when no backward will follow, and computed after the loop for all steps at once
+      when the gates are small (``_WHOLE_SEQUENCE_LOCAL_BYTES``: per-step calls would cost more than
+      their work), step by step otherwise;
     - the weight, bias and input gradients are a few large matmuls over blocks of at most ``_BLOCK_BYTES``
       (``[4H, n·B] @ [n·B, ·]`` per task), not ``L`` per-step outer products summed one by one;
     - when all tasks hold the same weights (θ broadcast before the first inner step: stride 0), each step

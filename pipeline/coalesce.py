@@ -5,7 +5,8 @@ previous batch is still computing; with ``max_concurrent_batches=1`` the closed 
 one after another. Under load the requests that come back together are cut into many small batches:
 measured on the adaptation service at concurrency 32, 2.6 requests per batch. The replica therefore lets
 ``serve.batch`` hand its (micro-)batches over at once and merges here whatever waits for the model, so a
-batch grows with the load instead of with the wait window; at concurrency 1 nothing changes.
+batch grows with the load instead of with the wait window, and ``serve.batch`` needs no wait at all (a lone
+request starts at once).
 """
 
 from __future__ import annotations

@@ -616,11 +616,11 @@ class AdaptationServer:
             raise HTTPException(503, "no model loaded yet")
         return self.served
 
-    # --- batched work. serve.batch collects requests (waiting at most 1 ms: a lone request should not idle) and
+    # --- batched work. serve.batch takes what has arrived without waiting (a lone request should not idle) and
     # hands each batch over at once; the coalescer merges all that wait for the model into its next call, run
-    # in a thread so that the event loop keeps accepting requests meanwhile
+    # in a thread so that the event loop keeps accepting requests meanwhile: under load, that is where batches fill
 
-    @serve.batch(max_batch_size=MAX_BATCH_CELLS, batch_wait_timeout_s=0.001, batch_size_fn=_batch_cost,
+    @serve.batch(max_batch_size=MAX_BATCH_CELLS, batch_wait_timeout_s=0.0, batch_size_fn=_batch_cost,
                  max_concurrent_batches=MAX_BATCH_REQUESTS)
     async def _adapt_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._adapt_runner.submit(jobs)
@@ -641,7 +641,7 @@ class AdaptationServer:
             results[i] = (adapted[i], p)
         return results
 
-    @serve.batch(max_batch_size=MAX_BATCH_REQUESTS, batch_wait_timeout_s=0.001,
+    @serve.batch(max_batch_size=MAX_BATCH_REQUESTS, batch_wait_timeout_s=0.0,
                  max_concurrent_batches=MAX_BATCH_REQUESTS)
     async def _predict_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._predict_runner.submit(jobs)

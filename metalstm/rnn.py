@@ -60,14 +60,6 @@ def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _rows_matmul(rows: Tensor, w: Tensor) -> Tensor:
-    """``rows [T, N, K] @ w`` → ``[T, N, M]``: ``w [T, K, M]`` per task, or ``[K, M]`` shared by all tasks
-    (one plain matmul over all T·N rows)."""
-    if w.dim() == 2:
-        return (rows.reshape(-1, rows.shape[-1]) @ w).view(*rows.shape[:-1], w.shape[-1])
-    return torch.bmm(rows, w)
-
-
 # A block of gate gradients folded into the weight gradients at once holds at most this many bytes (unless
 # recording): large enough for efficient matmuls, small enough to stay in cache and avoid page faults
 _BLOCK_BYTES = 4 << 20
@@ -274,7 +266,7 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
         """Steps ``start …`` into the input, weight and bias gradients: a few large matmuls per block."""
         n, rows = dz.shape[1], _task_rows(dz)
         if need_x:
-            d_x[:, start:start + n] = _rows_matmul(rows, w_ih[0] if ih_shared else w_ih).view(t, n, b, d)
+            d_x[:, start:start + n] = torch.matmul(rows, w_ih[0] if ih_shared else w_ih).view(t, n, b, d)
         if d_w_ih_b is not None:  # Σ_s dz_sᵀ [x_s, 1]
             d_w_ih_b.baddbmm_(rows.transpose(1, 2), _task_rows(x_ones[:, start:start + n]))
         if need_w_hh:  # Σ_s dz_sᵀ h_{s-1}
@@ -296,12 +288,9 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
             block = x.new_empty(t, s + 1 - start, b, 4, hidden)
             z_ifg, z_o, z_rows = block[..., :3, :].unbind(1), block[..., 3, :].unbind(1), block.flatten(3).unbind(1)
         m = None if real[s] else keep[s]
-        if d_hs is not None:
-            dh = _plus(d_hs[:, s], dh)
-        if d_cs is not None:
-            dc = _plus(d_cs[:, s], dc)
-        if dh is None:
-            dh = h0.new_zeros(t, b, hidden)
+        dh = _plus(None if d_hs is None else d_hs[:, s], dh)
+        dc = _plus(None if d_cs is None else d_cs[:, s], dc)
+        dh = h0.new_zeros(t, b, hidden) if dh is None else dh
         dc = dh * q[s] if dc is None else torch.addcmul(dc, dh, q[s])  # h = o·tanh(c)
         dz_local = dc_prev_local = None
         if local:

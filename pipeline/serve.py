@@ -68,6 +68,7 @@ from pipeline.serve_schema import (
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "METALSTM_SERVE_TOKEN"
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"  # read by Serve's controller and replicas at start
 APP_NAME = "metalstm"
 DEPLOYMENT_NAME = "MetaLSTMAdapter"
 MAX_BATCH_REQUESTS = 32  # requests adapted together
@@ -791,6 +792,34 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 # ----------------------------------------------------------------------------- the command
 
 
+def direct_ingress_urls(app_name: str, host: str, proxy_port: int, wait_s: float = 10.0) -> list[str]:
+    """The HTTP addresses of ``app_name``'s replicas themselves, when Serve runs with direct ingress; else ``[]``.
+
+    With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (set where Serve's controller and replicas start) every ingress
+    replica also serves HTTP on a port of its own (30000 and up), under the same route prefix, and a client
+    there skips the proxy's hop: on a small node the proxy's per-request CPU is what bounds batched throughput
+    (docs/serving.md). The proxy keeps serving on ``proxy_port`` either way. Ray has no public call for these
+    addresses; the controller's target groups (what its load balancer integration reads) are asked, and an
+    answer that names only the proxy means direct ingress is off.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + wait_s
+    while True:  # a replica registers its port just after it starts
+        try:
+            groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name), timeout=10)
+        except Exception as e:  # an older or newer Serve without this call: fall back to the proxy
+            log.warning("could not look up direct-ingress addresses: %s", e)
+            return []
+        urls = [f"http://{host if host not in ('0.0.0.0', '::') else target.ip}:{target.port}"
+                for group in groups if str(group.protocol).upper().endswith("HTTP")
+                for target in group.targets if target.port != proxy_port]
+        if urls or time.monotonic() > deadline:
+            return sorted(set(urls))
+        time.sleep(0.5)
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's)")
@@ -805,6 +834,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--cache-ttl-s", type=float, default=3600.0)
     parser.add_argument("--cache-max-mb", type=float, default=256.0)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20))
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="replicas also serve HTTP on ports of their own, without the proxy's hop (printed at "
+                             "start; a local cluster turns it on, a running one must have been started with "
+                             f"{DIRECT_INGRESS_ENV}=1)")
     parser.add_argument("--once", action="store_true", help="deploy and return (leave Serve running)")
 
 
@@ -912,13 +945,23 @@ def run(args: argparse.Namespace) -> int:
                   name=APP_NAME, route_prefix="/")
 
     if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if args.direct_ingress and not address:  # the local cluster's Serve processes inherit this environment
+            os.environ[DIRECT_INGRESS_ENV] = "1"
+        ray.init(address=address)
     serve.start(http_options={"host": args.host, "port": args.port})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # also when started in the background (SIGINT ignored there)
         signal.signal(sig, lambda *_: stop.set())
     deploy(config)
     print(f"serving {config['model_uri']} at http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
+    if args.direct_ingress:
+        urls = direct_ingress_urls(APP_NAME, args.host, args.port)
+        if urls:
+            print(f"direct ingress (no proxy hop): {' '.join(urls)}", flush=True)
+        else:
+            log.warning("--direct-ingress: this cluster's Serve runs without direct ingress (start the cluster with "
+                        "%s=1); serving through the proxy only", DIRECT_INGRESS_ENV)
     if args.once:
         return 0
     try:

@@ -6,7 +6,10 @@ from a SECOND process at several concurrencies, for ``POST /v1/adapt`` and for a
 request sends 7 days of hourly history (the raw-history form: the server windows and scales it).
 
 Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``192``), ``hidden`` (64),
-``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``.
+``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``, ``ingress``:
+``direct`` (default: the load goes to the replicas' own ports, as ``metalstm serve --direct-ingress`` serves)
+or ``proxy`` (through Serve's HTTP proxy, the default of ``metalstm serve``). Both modes of one run share the
+ingress, so their ratio compares batching alone.
 
 Each level also reports the machine's CPU time per request (``cpu_ms_per_request``: server, proxy and client
 together, from ``/proc/stat``) and how busy the cores were (``cpu_busy_share``), which shows whether a level
@@ -25,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,6 +150,21 @@ def _load(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for what starts inside (a local Ray cluster inherits them); restore after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`_load` in a second Python process (the client must not share the server's CPU time slices)."""
     out = subprocess.run([sys.executable, "-m", "pipeline.serve_bench"], input=json.dumps(spec), text=True,
@@ -162,9 +182,9 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
     import requests
     from ray import serve
 
-    from pipeline.serve import build_app, model_config
+    from pipeline.serve import DIRECT_INGRESS_ENV, build_app, direct_ingress_urls, model_config
 
-    known = {"concurrency", "requests", "hidden", "steps", "days", "model", "tracking_uri"}
+    known = {"concurrency", "requests", "hidden", "steps", "days", "model", "tracking_uri", "ingress"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"bench serve: unknown options {unknown}; expected some of {sorted(known)}")
@@ -175,6 +195,9 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
                          f"{options['concurrency']!r}") from None
     if not levels or min(levels) < 1 or max(levels) > 256:
         raise ValueError(f"bench option concurrency: each level must be in [1, 256], got {levels}")
+    ingress = options.get("ingress", "direct")
+    if ingress not in ("direct", "proxy"):
+        raise ValueError(f"bench option ingress: expected direct or proxy, got {ingress!r}")
     total = _int(options, "requests", 192)
     hidden, steps, days = _int(options, "hidden", 64), _int(options, "steps", 5, 0), _int(options, "days", 7, 5)
 
@@ -187,8 +210,12 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
             version = register_checkpoint(_forecaster(workdir, hidden, steps), "bench-forecaster", tracking_uri,
                                           workdir)
             model_uri = f"models:/bench-forecaster/{version}"
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback cluster of its own
+        env = {DIRECT_INGRESS_ENV: "1" if ingress == "direct" else "0",
+               # nothing routes to this cluster but the bench: no 30 s drain of the replicas' ports at the end
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+        with _environ(**env):
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -198,13 +225,19 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
             serve.run_many([serve.RunTarget(build_app(config, num_cpus=0.5, torch_threads=1, batching=b), name=mode,
                                             route_prefix=f"/{mode}") for mode, b in (("batched", True),
                                                                                      ("unbatched", False))])
-            base = f"http://127.0.0.1:{port}"
-            info = requests.get(f"{base}/batched/v1/model", timeout=30).json()
+            bases = {mode: f"http://127.0.0.1:{port}" for mode in ("batched", "unbatched")}
+            if ingress == "direct":
+                for mode in bases:
+                    urls = direct_ingress_urls(mode, "127.0.0.1", port)
+                    if not urls:
+                        raise RuntimeError(f"ingress=direct: Serve started no direct-ingress port for /{mode}")
+                    bases[mode] = urls[0]
+            info = requests.get(f"{bases['batched']}/batched/v1/model", timeout=30).json()
             bodies = [{"history": history(days, seed), "steps": steps} for seed in range(16)]
             results: dict[str, Any] = {"model": {k: info[k] for k in ("name", "version", "kind", "adapt_steps")},
                                        "hidden": hidden, "steps": steps, "history_hours": 24 * days,
-                                       "cpus": os.cpu_count(), "adapt": {}, "predict": {}}
-            for mode in ("batched", "unbatched"):
+                                       "cpus": os.cpu_count(), "ingress": ingress, "adapt": {}, "predict": {}}
+            for mode, base in bases.items():
                 adapters = [requests.post(f"{base}/{mode}/v1/adapters", json=b, timeout=120).json()["id"]
                             for b in bodies[:8]]
                 predict_paths = [f"/{mode}/v1/adapters/{a}/predict" for a in adapters]

@@ -795,15 +795,15 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 # ----------------------------------------------------------------------------- the command
 
 
-def direct_ingress_urls(app_name: str, host: str, proxy_port: int, wait_s: float = 10.0) -> list[str]:
+def direct_ingress_urls(app_name: str, host: str, wait_s: float = 10.0) -> list[str]:
     """The HTTP addresses of ``app_name``'s replicas themselves, when Serve runs with direct ingress; else ``[]``.
 
     With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (set where Serve's controller and replicas start) every ingress
     replica also serves HTTP on a port of its own (30000 and up), under the same route prefix, and a client
     there skips the proxy's hop: on a small node the proxy's per-request CPU is what bounds batched throughput
-    (docs/serving.md). The proxy keeps serving on ``proxy_port`` either way. Ray has no public call for these
-    addresses; the controller's target groups (what its load balancer integration reads) are asked, and an
-    answer that names only the proxy means direct ingress is off.
+    (docs/serving.md). The proxy keeps serving either way. Ray has no public call for these addresses; the
+    controller's target groups (what its load-balancer integration reads) are asked: with direct ingress off
+    they name only the proxies, in groups of no application.
     """
     import ray
     from ray.serve.context import _get_global_client
@@ -816,8 +816,8 @@ def direct_ingress_urls(app_name: str, host: str, proxy_port: int, wait_s: float
             log.warning("could not look up direct-ingress addresses: %s", e)
             return []
         urls = [f"http://{host if host not in ('0.0.0.0', '::') else target.ip}:{target.port}"
-                for group in groups if str(group.protocol).upper().endswith("HTTP")
-                for target in group.targets if target.port != proxy_port]
+                for group in groups if group.app_name == app_name and str(group.protocol).upper().endswith("HTTP")
+                for target in group.targets]
         if urls or time.monotonic() > deadline:
             return sorted(set(urls))
         time.sleep(0.5)
@@ -959,7 +959,7 @@ def run(args: argparse.Namespace) -> int:
     deploy(config)
     print(f"serving {config['model_uri']} at http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
     if args.direct_ingress:
-        urls = direct_ingress_urls(APP_NAME, args.host, args.port)
+        urls = direct_ingress_urls(APP_NAME, args.host)
         if urls:
             print(f"direct ingress (no proxy hop): {' '.join(urls)}", flush=True)
         else:

@@ -228,7 +228,7 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
             bases = {mode: f"http://127.0.0.1:{port}" for mode in ("batched", "unbatched")}
             if ingress == "direct":
                 for mode in bases:
-                    urls = direct_ingress_urls(mode, "127.0.0.1", port)
+                    urls = direct_ingress_urls(mode, "127.0.0.1")
                     if not urls:
                         raise RuntimeError(f"ingress=direct: Serve started no direct-ingress port for /{mode}")
                     bases[mode] = urls[0]

@@ -491,6 +491,12 @@ def test_version_switch_under_load_failed_load_and_alias_follow(server):
 # ----------------------------------------------------------------------------- the command and the config
 
 
+def test_no_direct_ingress_addresses_on_a_cluster_without_it(server):
+    from pipeline.serve import direct_ingress_urls
+
+    assert direct_ingress_urls("f", "127.0.0.1", wait_s=0) == []  # only the proxy answers here
+
+
 def test_serve_command_user_errors(registry, capsys):
     from pipeline.cli import main
 

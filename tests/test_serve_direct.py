@@ -41,7 +41,7 @@ def served(tmp_path_factory):
 
     from pipeline.cli import main
     from pipeline.serve import DIRECT_INGRESS_ENV, TOKEN_ENV
-    from pipeline.serve_bench import register_checkpoint
+    from pipeline.serve_bench import _environ, register_checkpoint
 
     tmp = tmp_path_factory.mktemp("serve-direct")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -52,26 +52,20 @@ def served(tmp_path_factory):
     version = register_checkpoint(ckpt, "direct-forecast", uri, tmp)
     env = {DIRECT_INGRESS_ENV: "1", TOKEN_ENV: TOKEN, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port, out = free_port(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            rc = main(["serve", "--model", f"models:/direct-forecast/{version}", "--tracking-uri", uri,
-                       "--port", str(port), "--num-cpus", "0.25", "--direct-ingress", "--once"])
-        assert rc == 0, out.getvalue()
-        found = re.search(r"direct ingress \(no proxy hop\): (http://\S+)", out.getvalue())
-        assert found, out.getvalue()
-        yield {"proxy": f"http://127.0.0.1:{port}", "direct": found.group(1), "port": port}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _environ(**env):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port, out = free_port(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                rc = main(["serve", "--model", f"models:/direct-forecast/{version}", "--tracking-uri", uri,
+                           "--port", str(port), "--num-cpus", "0.25", "--direct-ingress", "--once"])
+            assert rc == 0, out.getvalue()
+            found = re.search(r"direct ingress \(no proxy hop\): (http://\S+)", out.getvalue())
+            assert found, out.getvalue()
+            yield {"proxy": f"http://127.0.0.1:{port}", "direct": found.group(1), "port": port}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,7 +9,7 @@ Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``192
 ``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``, ``ingress``:
 ``direct`` (default: the load goes to the replicas' own ports, as ``metalstm serve --direct-ingress`` serves)
 or ``proxy`` (through Serve's HTTP proxy, the default of ``metalstm serve``). Both modes of one run share the
-ingress, so their ratio compares batching alone.
+ingress and take turns at each level, so their ratio compares batching alone, under the same machine speed.
 
 Each level also reports the machine's CPU time per request (``cpu_ms_per_request``: server, proxy and client
 together, from ``/proc/stat``) and how busy the cores were (``cpu_busy_share``), which shows whether a level
@@ -237,19 +237,24 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
             results: dict[str, Any] = {"model": {k: info[k] for k in ("name", "version", "kind", "adapt_steps")},
                                        "hidden": hidden, "steps": steps, "history_hours": 24 * days,
                                        "cpus": os.cpu_count(), "ingress": ingress, "adapt": {}, "predict": {}}
-            for mode, base in bases.items():
-                adapters = [requests.post(f"{base}/{mode}/v1/adapters", json=b, timeout=120).json()["id"]
-                            for b in bodies[:8]]
-                predict_paths = [f"/{mode}/v1/adapters/{a}/predict" for a in adapters]
-                predict_bodies = [{"history": b["history"]} for b in bodies]
-                for c in levels:
+            predict_bodies = [{"history": b["history"]} for b in bodies]
+            predict_paths: dict[str, list[str]] = {}
+            for mode, base in bases.items():  # 8 adapters per mode for the predict levels
+                ids = [requests.post(f"{base}/{mode}/v1/adapters", json=b, timeout=120).json()["id"]
+                       for b in bodies[:8]]
+                predict_paths[mode] = [f"/{mode}/v1/adapters/{a}/predict" for a in ids]
+            # the two modes take turns at each level, so the VM's drift (±15 % within minutes here) reaches
+            # both sides of a ratio alike
+            for c in levels:
+                for mode, base in bases.items():
                     results["adapt"].setdefault(mode, []).append(_drive(
                         {"base": base, "path": [f"/{mode}/v1/adapt"], "bodies": bodies, "concurrency": c,
                          "requests": max(total, 2 * c)}))
-                    # predict: each request names one of 8 adapters (path and body cycle together)
+                for mode, base in bases.items():  # each request names one of 8 adapters (path and body together)
                     results["predict"].setdefault(mode, []).append(_drive(
-                        {"base": base, "path": predict_paths, "bodies": predict_bodies, "concurrency": c,
+                        {"base": base, "path": predict_paths[mode], "bodies": predict_bodies, "concurrency": c,
                          "requests": max(total, 2 * c)}))
+            for mode, base in bases.items():
                 results.setdefault("batching", {})[mode] = requests.get(
                     f"{base}/{mode}/v1/model", timeout=30).json()["batching"]
         finally:

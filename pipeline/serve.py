@@ -3,9 +3,11 @@
 A client sends a new task's support set; the replica adapts θ on it (``MetaLearner.adapt``, the code path
 training evaluates with) and predicts the query. Concurrent requests are batched with ``serve.batch`` into
 ONE task-batched inner loop: their support sets are collated into a single ``TaskBatch`` (one task per
-request, grouped by step count), so a batch of 32 costs one adaptation of 32 tasks, not 32 adaptations.
+request, grouped by step count), so a batch of 16 costs one adaptation of 16 tasks, not 16 adaptations.
 While one batch computes, the batches ``serve.batch`` closes meanwhile are merged into the next one
-(``pipeline.coalesce``): under load each inner loop takes every request that waited for it.
+(``pipeline.coalesce``): under load each inner loop takes every request that waited for it. The maths
+(``pipeline.adaptation``) runs in the replica's model process (``pipeline.model_process``), so HTTP handling
+and the inner loop do not share a GIL; this module turns requests into jobs and answers.
 
 The model is a registered MLflow version, given to the deployment as ``user_config``
 (``{"model_uri": "models:/NAME/V", "tracking_uri": ...}``). ``reconfigure`` loads a new version in a
@@ -25,11 +27,9 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from metalstm import MetaLearner, NonFiniteLossError, collate, series
-from metalstm.data import EOS, PAD
-from metalstm.decoding import predict, sample_continuation
-from metalstm.runtime import retain_freed_memory
+from metalstm import NonFiniteLossError, series
+from pipeline.adaptation import MAX_BATCH_CELLS, MAX_BATCH_REQUESTS, Job, ServedModel, load_model
 from pipeline.adapter_cache import AdapterCache, AdapterTooLargeError, tensor_bytes
 from pipeline.coalesce import Coalescer
+from pipeline.model_process import ModelProcess, ModelProcessError
 from pipeline.serve_schema import (
     MAX_BODY_BYTES,
     MAX_LENGTH,
@@ -57,7 +56,6 @@ from pipeline.serve_schema import (
     AdapterResponse,
     AdaptRequest,
     AdaptResponse,
-    DecodeOptions,
     ForecastHistory,
     ModelInfo,
     Prediction,
@@ -71,11 +69,6 @@ TOKEN_ENV = "METALSTM_SERVE_TOKEN"
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"  # read by Serve's controller and replicas at start
 APP_NAME = "metalstm"
 DEPLOYMENT_NAME = "MetaLSTMAdapter"
-# requests adapted together. 16, not 32: per task, one inner loop over 16 tasks costs 6.0 ms here and over 32
-# 7.1 (their fast weights no longer fit in cache), and at concurrency 32 two batches of 16 alternate, one
-# computing while the other's responses and next requests cross HTTP (measured: +15 % adapt req/s at 32)
-MAX_BATCH_REQUESTS = 16
-MAX_BATCH_CELLS = 65536  # padded support cells (tasks x examples x steps) in one batched adaptation
 
 
 class RequestError(ValueError):
@@ -86,85 +79,7 @@ class RequestError(ValueError):
         self.loc, self.msg, self.status = loc, msg, status
 
 
-# ----------------------------------------------------------------------------- the loaded model
-
-
-@dataclass
-class ServedModel:
-    """A loaded model version and what serving needs to encode requests the way training data was made."""
-
-    learner: MetaLearner
-    name: str
-    version: str
-    alias: str | None
-    config_digest: str | None
-    model_uri: str
-    run_id: str | None
-    kind: str
-    store: dict[str, Any]
-    loaded_at: float = field(default_factory=time.time)
-    _vocabs: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def model(self):
-        return self.learner.model
-
-    @property
-    def family(self) -> str:
-        return self.learner.model.family
-
-    def vocab(self, side: str = "target"):
-        """The vocabulary of one side (``source``/``target``; a language model has one), or None.
-
-        Stores keep ``{"tokens", "tokenizer"}`` (ptb-char) or ``{"src": [...], "tgt": [...], "tokenizer"}`` (mt).
-        """
-        if side not in self._vocabs:
-            from metalstm.vocab import Vocab
-
-            v = self.store.get("vocab") or {}
-            key = {"source": "src", "target": "tgt"}[side]
-            tokens = v.get(key) if isinstance(v.get(key), list) else v.get("tokens")
-            try:
-                self._vocabs[side] = None if tokens is None else Vocab(tokens, v.get("tokenizer", "words"))
-            except ValueError:
-                self._vocabs[side] = None
-        return self._vocabs[side]
-
-
-def load_model(model_uri: str, tracking_uri: str | None = None, alias: str | None = None) -> ServedModel:
-    """Load a registered version through the registry (checkpoint read with ``weights_only=True``)."""
-    from pipeline.registry import load_learner
-
-    with tempfile.TemporaryDirectory(prefix="metalstm-serve-") as tmp:  # weights are in memory once loaded
-        learner, ckpt, resolved = load_learner(model_uri, tracking_uri, dst_dir=tmp)
-    learner.eval()
-    learner.to(torch.float32)
-    return ServedModel(learner=learner, name=resolved.name, version=str(resolved.version),
-                       alias=resolved.alias or alias, config_digest=resolved.config_digest, model_uri=model_uri,
-                       run_id=resolved.run_id, kind=ckpt["model"]["kind"], store=dict(ckpt["extra"].get("store") or {}))
-
-
 # ----------------------------------------------------------------------------- request → arrays
-
-
-@dataclass
-class Job:
-    """One request's arrays, checked against the model it was prepared for."""
-
-    served: ServedModel
-    support_x: list[np.ndarray] | None = None
-    support_y: list[np.ndarray] | None = None
-    steps: int = 0
-    query_x: list[np.ndarray] | None = None
-    decode: DecodeOptions = field(default_factory=DecodeOptions)
-    scale: tuple[float, float] | None = None  # forecast history: (offset, scale) to map predictions back
-    params: dict[str, torch.Tensor] | None = None  # a cached adapter's fast weights [1, ...]
-
-    @property
-    def cost(self) -> int:
-        """Padded support cells, at least the per-request share of a full batch (bounds batch memory)."""
-        cells = len(self.support_x) * max(len(a) for a in self.support_x) if self.support_x else 0
-        return max(cells, MAX_BATCH_CELLS // MAX_BATCH_REQUESTS)
 
 
 def _tokens(seq: list[float], loc: tuple, vocab_size: int, min_len: int = 1) -> np.ndarray:
@@ -360,120 +275,6 @@ def prepare_query(served: ServedModel, req: AdaptRequest | PredictRequest, job: 
         _cells(job.query_x, "query", MAX_QUERY_CELLS)
 
 
-# ----------------------------------------------------------------------------- batched maths
-
-
-def _split(seqs_per_task: list[list[np.ndarray]], targets: list[list[np.ndarray]] | None = None):
-    """Collate ragged per-task sequences with the one ``collate`` (targets default to the inputs)."""
-    ys = targets if targets is not None else seqs_per_task
-    return collate([{"support_x": x, "support_y": y, "query_x": x, "query_y": y}
-                    for x, y in zip(seqs_per_task, ys)]).support
-
-
-def adapt_jobs(jobs: list[Job]) -> list[tuple[dict[str, torch.Tensor], float, float] | Exception]:
-    """Adapt every job's support set; jobs on the same model and step count share one inner loop."""
-    out: list[Any] = [None] * len(jobs)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault((id(job.served), job.steps), []).append(i)
-    for (_, steps), idx in groups.items():
-        learner = jobs[idx[0]].served.learner
-        try:
-            support = _split([jobs[i].support_x for i in idx], [jobs[i].support_y for i in idx])
-            fast, curve = learner.adapt(support, steps)
-        except (NonFiniteLossError, ValueError, RuntimeError) as e:
-            if len(idx) == 1:
-                out[idx[0]] = e
-                continue
-            for i in idx:  # one bad task fails the batch: redo them alone so only the culprit fails
-                out[i] = adapt_jobs([jobs[i]])[0]
-            continue
-        for k, i in enumerate(idx):
-            params = {n: p[k : k + 1].clone() for n, p in fast.items()}
-            out[i] = (params, float(curve[0][k]), float(curve[-1][k]))
-    return out
-
-
-def _trim(tokens: list[int]) -> list[int]:
-    out = []
-    for t in tokens:
-        if t in (EOS, PAD):
-            break
-        out.append(t)
-    return out
-
-
-def _text(served: ServedModel, tokens: list[int], side: str = "target") -> str | None:
-    vocab = served.vocab(side)
-    return None if vocab is None else vocab.decode(tokens)
-
-
-def predict_group(served: ServedModel, params: dict[str, torch.Tensor], queries: list[list[np.ndarray]],
-                  decode: DecodeOptions, scales: list[tuple[float, float] | None]) -> list[list[Prediction]]:
-    """Predictions for ``G`` tasks at once: ``params`` are ``[G, ...]`` fast weights, ``queries`` their inputs."""
-    model, family = served.model, served.family
-    split = _split(queries)
-    counts = [len(q) for q in queries]
-    if family in ("regression", "forecast"):
-        pred = predict(model, params, split.x, split.x_mask)
-        out = []
-        for g, n in enumerate(counts):
-            rows = pred[g, :n].double().numpy()
-            if scales[g] is not None:
-                rows = series.unscale(rows, *scales[g])
-            out.append([Prediction(values=r.tolist()) for r in rows])
-        return out
-    if family == "lm" and decode.mode == "distribution":
-        probs = torch.softmax(predict(model, params, split.x, split.x_mask)[:, :, -1].double(), -1)
-        vocab = served.vocab()
-        out = []
-        for g, n in enumerate(counts):
-            preds = []
-            for p in probs[g, :n]:
-                top = p.topk(min(decode.top, p.numel()))
-                preds.append(Prediction(next_token_probs=p.tolist(), top=[
-                    {"id": int(i), "p": float(v), "token": None if vocab is None else vocab.tokens[int(i)]}
-                    for v, i in zip(top.values, top.indices)]))
-            out.append(preds)
-        return out
-    if family == "lm":
-        gen = torch.Generator().manual_seed(decode.seed if decode.seed is not None else
-                                            int.from_bytes(os.urandom(8), "little") >> 1)
-        tokens = sample_continuation(model, params, split.x, split.x_mask, decode.max_new_tokens,
-                                     temperature=decode.temperature, top_k=decode.top_k, generator=gen)
-    else:
-        tokens = predict(model, params, split.x, split.x_mask, max_len=decode.max_len, beam=decode.beam)
-    out = []
-    for g, n in enumerate(counts):
-        seqs = [_trim(row) for row in tokens[g, :n].tolist()]
-        out.append([Prediction(tokens=s, text=_text(served, s)) for s in seqs])
-    return out
-
-
-def predict_jobs(jobs: list[Job], params: list[dict[str, torch.Tensor]]) -> list[list[Prediction] | Exception]:
-    """Predict every job's query with its fast weights; compatible jobs share one forward pass.
-
-    Seeded sampling runs alone so that a seed reproduces the same continuation whatever the batch.
-    """
-    out: list[Any] = [None] * len(jobs)
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        alone = job.served.family == "lm" and job.decode.mode == "sample" and job.decode.seed is not None
-        key = (id(job.served), job.decode.key() if job.served.family in ("lm", "mt") else (), i if alone else -1)
-        groups.setdefault(key, []).append(i)
-    for idx in groups.values():
-        try:
-            stacked = {n: torch.cat([params[i][n] for i in idx]) for n in params[idx[0]]}
-            preds = predict_group(jobs[idx[0]].served, stacked, [jobs[i].query_x for i in idx], jobs[idx[0]].decode,
-                                  [jobs[i].scale for i in idx])
-            for i, p in zip(idx, preds):
-                out[i] = p
-        except (ValueError, RuntimeError) as e:
-            for i in idx:
-                out[i] = e
-    return out
-
-
 def _batch_cost(jobs: list[Job]) -> int:
     return sum(j.cost for j in jobs)
 
@@ -561,6 +362,12 @@ async def _request_error(request: Request, e: RequestError) -> JSONResponse:
                                                                   "type": "value_error"}]})
 
 
+@app.exception_handler(ModelProcessError)
+async def _model_process_error(request: Request, e: ModelProcessError) -> JSONResponse:
+    """The model process died with this request in it; a new one starts on the next call: retry."""
+    return JSONResponse(status_code=503, content={"detail": str(e)}, headers={"Retry-After": "1"})
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     errors = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
@@ -577,9 +384,7 @@ class AdaptationServer:
     def __init__(self, cache_max_entries: int = 1024, cache_ttl_s: float = 3600.0, cache_max_bytes: int = 256 << 20,
                  max_body_bytes: int = MAX_BODY_BYTES, token_env: str = TOKEN_ENV, torch_threads: int = 0,
                  batching: bool = True, model: dict[str, Any] | None = None) -> None:
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        retain_freed_memory()
+        self.compute = ModelProcess(torch_threads)  # every inner loop and forward pass runs there
         self.token = os.environ.get(token_env) or None
         self.max_body_bytes = int(max_body_bytes)
         self.cache = AdapterCache(cache_max_entries, cache_ttl_s, cache_max_bytes)
@@ -592,7 +397,12 @@ class AdaptationServer:
         self._predict_runner = Coalescer(self._predict_with_adapters, len, MAX_BATCH_REQUESTS)
         self.batching = {name: {"batches": 0, "requests": 0, "largest": 0} for name in ("adapt", "predict")}
         if model:  # without user_config (a plain Python deployment); reconfigure replaces it later
-            self.served = load_model(model["model_uri"], model.get("tracking_uri"), model.get("alias"))
+            served = load_model(model["model_uri"], model.get("tracking_uri"), model.get("alias"))
+            self.compute.load(served)
+            self.served = served
+
+    def __del__(self) -> None:  # Serve calls this when it stops the replica: stop the model process with it
+        self.compute.close()
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Load the version ``config`` names; keep serving the current one if that fails."""
@@ -603,6 +413,7 @@ class AdaptationServer:
             return
         try:
             served = await asyncio.to_thread(load_model, uri, config.get("tracking_uri"), config.get("alias"))
+            await asyncio.to_thread(self.compute.load, served)
         except Exception as e:
             if self.served is None:  # nothing to fall back on: fail the replica start
                 raise
@@ -637,13 +448,7 @@ class AdaptationServer:
 
     def _adapt_and_predict(self, jobs: list[Job]) -> list[Any]:
         self._count("adapt", len(jobs))
-        adapted = adapt_jobs(jobs)
-        ok = [i for i, a in enumerate(adapted) if not isinstance(a, Exception) and jobs[i].query_x is not None]
-        preds = predict_jobs([jobs[i] for i in ok], [adapted[i][0] for i in ok]) if ok else []
-        results: list[Any] = [(a, None) for a in adapted]
-        for i, p in zip(ok, preds):
-            results[i] = (adapted[i], p)
-        return results
+        return self.compute.adapt_and_predict(jobs)
 
     @serve.batch(max_batch_size=MAX_BATCH_REQUESTS, batch_wait_timeout_s=0.0,
                  max_concurrent_batches=MAX_BATCH_REQUESTS)
@@ -652,7 +457,7 @@ class AdaptationServer:
 
     def _predict_with_adapters(self, jobs: list[Job]) -> list[Any]:
         self._count("predict", len(jobs))
-        return predict_jobs(jobs, [j.params for j in jobs])
+        return self.compute.predict(jobs)
 
     async def _adapt(self, job: Job) -> tuple[dict[str, torch.Tensor], float, float, list[Prediction] | None]:
         if self.batched:
@@ -684,7 +489,7 @@ class AdaptationServer:
                          model_uri=s.model_uri, run_id=s.run_id, family=s.family, kind=s.kind,
                          adapt_steps=s.learner.cfg.adapt_steps, loaded_at=s.loaded_at,
                          previous_version=self.previous_version, last_switch_error=self.last_switch_error,
-                         cache=self.cache.stats(), batching=self.batching)
+                         cache=self.cache.stats(), batching=self.batching, model_process=self.compute.stats())
 
     @app.post("/v1/adapt", response_model=AdaptResponse, response_model_exclude_none=True)
     async def adapt(self, req: AdaptRequest) -> AdaptResponse:
@@ -742,7 +547,8 @@ class AdaptationServer:
 def _code_version() -> str:
     """A hash of the code a replica runs: equal hashes let Serve apply a new user_config in place."""
     here = Path(__file__).parent
-    files = [here / f for f in ("serve.py", "serve_schema.py", "adapter_cache.py", "registry.py")]
+    files = [here / f for f in ("serve.py", "serve_schema.py", "adaptation.py", "model_process.py", "coalesce.py",
+                                "adapter_cache.py", "registry.py")]
     files += sorted((here.parent / "metalstm").glob("*.py"))
     h = hashlib.sha256()
     for path in files:

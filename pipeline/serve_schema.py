@@ -221,6 +221,8 @@ class ModelInfo(BaseModel):
     last_switch_error: str | None = None
     cache: dict[str, Any]
     batching: dict[str, dict[str, int]] = Field(description="batches run and requests in them, per batched loop")
+    model_process: dict[str, Any] = Field(description="the child process that runs the inner loops: its pid, "
+                                                      "how often it stopped and was started again, its models")
 
 
 LIMITS = {name: value for name, value in globals().items() if name.startswith("MAX_")}

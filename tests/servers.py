@@ -1,4 +1,5 @@
-"""Test helpers shared by the test modules: free loopback ports and a real ``mlflow server`` on 127.0.0.1."""
+"""Test helpers shared by the test modules: free loopback ports, a real ``mlflow server`` on 127.0.0.1, and
+whether a process has exited."""
 
 from __future__ import annotations
 
@@ -18,6 +19,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_gone(pid: int, timeout: float = 30.0) -> bool:
+    """Whether process ``pid`` has exited (or is a zombie) within ``timeout`` seconds (reads Linux /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:

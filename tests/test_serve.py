@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 import requests
 import torch
 import yaml
+from servers import process_gone
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
 from metalstm.data import EOS
@@ -489,6 +491,31 @@ def test_version_switch_under_load_failed_load_and_alias_follow(server):
 
 
 # ----------------------------------------------------------------------------- the command and the config
+
+
+def test_model_process_is_replaced_when_killed_and_stops_with_its_replica(server):
+    """The inner loops run in a child process of the replica: killing it takes no replica down, deleting the
+    application stops it."""
+    from ray import serve
+
+    from pipeline.serve import build_app, model_config
+
+    user_config = model_config(f"models:/{server['names']['forecast']}/{server['versions']['f1']}", server["uri"])
+    serve.run(build_app(user_config, **APP_KW), name="proc", route_prefix="/proc")
+    info = requests.get(server["base"] + "/proc/v1/model", timeout=10).json()["model_process"]
+    assert info["pid"] and info["restarts"] == 0 and info["models"] == [user_config["model_uri"]]
+    os.kill(info["pid"], signal.SIGKILL)
+    assert process_gone(info["pid"])
+    body = {"support": _support(np.random.default_rng(7), 2), "query": [{"x": np.ones((8, F)).tolist()}]}
+    r = _post(server, "/proc/v1/adapt", body)
+    if r.status_code == 503:  # only if this request raced the child's death: it says so, and a retry works
+        assert r.headers["Retry-After"] == "1" and "model process stopped" in r.text
+        r = _post(server, "/proc/v1/adapt", body)
+    assert r.status_code == 200, r.text
+    after = requests.get(server["base"] + "/proc/v1/model", timeout=10).json()["model_process"]
+    assert after["restarts"] == 1 and after["pid"] not in (None, info["pid"])
+    serve.delete("proc")
+    assert process_gone(after["pid"])
 
 
 def test_no_direct_ingress_addresses_on_a_cluster_without_it(server):

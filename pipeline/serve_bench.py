@@ -5,7 +5,9 @@ deploys it twice (``/batched`` with ``serve.batch``, ``/unbatched`` one request 
 from a SECOND process at several concurrencies, for ``POST /v1/adapt`` and for adapter predict. Every
 request sends 7 days of hourly history (the raw-history form: the server windows and scales it).
 
-Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``192``), ``hidden`` (64),
+Options (key=value): ``concurrency`` (``1,8,32``), ``requests`` per level (``480``: at 32 clients
+and batches of 16 that is 30 batches, so the ramp at each end of a level, when batches are not yet or no
+longer full, weighs less in the rate than in 12), ``hidden`` (64),
 ``steps`` (5), ``days`` (7), ``model`` (a ``models:/`` URI to serve instead), ``tracking_uri``, ``ingress``:
 ``direct`` (default: the load goes to the replicas' own ports, as ``metalstm serve --direct-ingress`` serves)
 or ``proxy`` (through Serve's HTTP proxy, the default of ``metalstm serve``). Both modes of one run share the
@@ -198,7 +200,7 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
     ingress = options.get("ingress", "direct")
     if ingress not in ("direct", "proxy"):
         raise ValueError(f"bench option ingress: expected direct or proxy, got {ingress!r}")
-    total = _int(options, "requests", 192)
+    total = _int(options, "requests", 480)
     hidden, steps, days = _int(options, "hidden", 64), _int(options, "steps", 5, 0), _int(options, "days", 7, 5)
 
     with tempfile.TemporaryDirectory(prefix="metalstm-serve-bench-") as tmp:

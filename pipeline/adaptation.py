@@ -114,7 +114,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None, alias: str | Non
 class Job:
     """One request's arrays, checked against the model it was prepared for."""
 
-    served: ServedModel
+    served: ServedModel  # None only while the job crosses to the model process, which holds it by URI
     support_x: list[np.ndarray] | None = None
     support_y: list[np.ndarray] | None = None
     steps: int = 0

@@ -146,8 +146,15 @@ class ModelProcess:
         self._loaded[uri] = served
 
     def _call(self, kind: str, jobs: list[Job]) -> list[Any]:
-        portable = [(j.served.model_uri, dataclasses.replace(j, served=None, params=_arrays(j.params))) for j in jobs]
         models = list({id(j.served): j.served for j in jobs}.values())
+        if len(models) > MAX_MODELS:  # more versions than the child holds at once: one call per version
+            by_model = {id(m): [i for i, j in enumerate(jobs) if j.served is m] for m in models}
+            out: list[Any] = [None] * len(jobs)
+            for idx in by_model.values():
+                for i, result in zip(idx, self._call(kind, [jobs[i] for i in idx])):
+                    out[i] = result
+            return out
+        portable = [(j.served.model_uri, dataclasses.replace(j, served=None, params=_arrays(j.params))) for j in jobs]
         pool, future = self._submit(models, _run_in_child, kind, portable)
         try:
             return future.result()

@@ -104,6 +104,10 @@ def test_older_versions_are_sent_again_when_needed_and_a_bad_one_changes_nothing
     oldest = _jobs(models[0], n=2)  # e.g. an adapter cached before the switches: its version comes back
     assert all(p is not None for _, p in process.adapt_and_predict(oldest))
     assert process.stats()["models"][-1] == models[0].model_uri and len(process.stats()["models"]) == MAX_MODELS
+    mixed = [job for served in models for job in _jobs(served, n=1, seed=7)]  # more versions than it holds
+    alone = [process.adapt_and_predict([job])[0] for job in mixed]
+    for (a, p), (b, q) in zip(process.adapt_and_predict(mixed), alone):
+        assert a[1:] == pytest.approx(b[1:], rel=1e-5) and p[0].values == pytest.approx(q[0].values, rel=1e-5)
     bad = dataclasses.replace(models[0], checkpoint=b"not a checkpoint", model_uri="models:/f/99")
     with pytest.raises(Exception, match="checkpoint|pickle|zip|load"):
         process.load(bad)

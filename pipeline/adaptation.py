@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,27 +88,29 @@ class ServedModel:
         return self._vocabs[side]
 
 
-def served_model(checkpoint: bytes, **metadata: Any) -> ServedModel:
-    """A model version from its checkpoint bytes (read with ``weights_only=True``) and registry metadata."""
-    ckpt = load_checkpoint(io.BytesIO(checkpoint))
-    learner, _ = learner_from_checkpoint(ckpt)
+def _served(learner: MetaLearner, ckpt: dict[str, Any], checkpoint: bytes, **metadata: Any) -> ServedModel:
     learner.eval()
     learner.to(torch.float32)
     return ServedModel(learner=learner, checkpoint=checkpoint, kind=ckpt["model"]["kind"],
                        store=dict(ckpt["extra"].get("store") or {}), **metadata)
 
 
+def served_model(checkpoint: bytes, **metadata: Any) -> ServedModel:
+    """A model version from its checkpoint bytes (read with ``weights_only=True``) and registry metadata."""
+    ckpt = load_checkpoint(io.BytesIO(checkpoint))
+    return _served(learner_from_checkpoint(ckpt)[0], ckpt, checkpoint, **metadata)
+
+
 def load_model(model_uri: str, tracking_uri: str | None = None, alias: str | None = None) -> ServedModel:
-    """Load a registered version through the registry."""
+    """Load a registered version through the registry; its checkpoint file's bytes are kept as they are."""
     from pipeline.registry import load_learner
 
     with tempfile.TemporaryDirectory(prefix="metalstm-serve-") as tmp:  # weights are in memory once loaded
-        _, ckpt, resolved = load_learner(model_uri, tracking_uri, dst_dir=tmp)
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    return served_model(buffer.getvalue(), name=resolved.name, version=str(resolved.version),
-                        alias=resolved.alias or alias, config_digest=resolved.config_digest, model_uri=model_uri,
-                        run_id=resolved.run_id)
+        learner, ckpt, resolved = load_learner(model_uri, tracking_uri, dst_dir=tmp)
+        checkpoint = Path(resolved.checkpoint_path).read_bytes()
+    return _served(learner, ckpt, checkpoint, name=resolved.name, version=str(resolved.version),
+                   alias=resolved.alias or alias, config_digest=resolved.config_digest, model_uri=model_uri,
+                   run_id=resolved.run_id)
 
 
 @dataclass

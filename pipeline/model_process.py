@@ -181,9 +181,9 @@ class ModelProcess:
                         raise ModelProcessError(f"the model process stopped: {e}") from e
                     retried = True
 
-    def _stopped(self, pool: ProcessPoolExecutor | None, error: BaseException) -> None:
+    def _stopped(self, pool: ProcessPoolExecutor, error: BaseException) -> None:
         """Forget a child that died (the lock is held); the next call starts a new one."""
-        if pool is None or pool is not self._pool:
+        if pool is not self._pool:
             return  # another call saw it first
         log.error("model process %s stopped (%s); the next call starts a new one", self.pid, error)
         self._pool, self.pid = None, None

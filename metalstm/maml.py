@@ -75,8 +75,10 @@ def inner_loop(
                 continue
             if not second_order:
                 g = g.detach()
-            rate = lr.rate(name, k) if isinstance(lr, InnerRates) else lr
-            new[name] = p - rate * g
+            if isinstance(lr, InnerRates):
+                new[name] = p - lr.rate(name, k) * g
+            else:  # the rate inside the subtraction: one pass over each weight tensor, not two
+                new[name] = torch.add(p, g, alpha=-lr)
         params = new
     return params, curve
 

@@ -34,10 +34,11 @@ def torch_rnn_for_task(cell: str, params: dict[str, torch.Tensor], t: int, input
     return ref
 
 
+@pytest.mark.parametrize("d", [5, 1])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_state_dict_loads_into_torch_rnn_and_gives_the_same_outputs(cell):
+def test_state_dict_loads_into_torch_rnn_and_gives_the_same_outputs(cell, d):
     torch.manual_seed(0)
-    tasks, batch, length, d, hidden, layers = 3, 4, 7, 5, 6, 2
+    tasks, batch, length, hidden, layers = 3, 4, 7, 6, 2
     rnn = RNN(cell, d, hidden, layers).to(F64)
     ref = TORCH_RNN[cell](d, hidden, layers, batch_first=True).to(F64)
     ref.load_state_dict(rnn.state_dict(), strict=True)  # same names and shapes
@@ -125,15 +126,17 @@ def test_gradgradcheck_with_masks_and_initial_state(cell, local, monkeypatch):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("d", [1, 2], ids=["one_input_feature", "two_input_features"])
 @pytest.mark.parametrize("local", sorted(LOCAL_DERIVATIVES))
 @pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
-def test_lstm_node_gradients_on_every_output(shared, local, monkeypatch):
+def test_lstm_node_gradients_on_every_output(shared, local, d, monkeypatch):
     """The LSTM node's hand-written backward on all seven outputs (gates and local derivatives included: the
     second backward of MAML sends gradients there), and its hand-written second-order node on the four
     outputs a caller can use, with padding and the one-matmul path taken when every task holds the same
-    (broadcast) weights; the backward folds the steps into the weight gradients in several blocks."""
+    (broadcast) weights; the backward folds the steps into the weight gradients in several blocks. One input
+    feature takes its own input projection (an outer product) when the weights are per task."""
     torch.manual_seed(6)
-    tasks, batch, length, d, hidden = 2, 2, 5, 2, 2
+    tasks, batch, length, hidden = 2, 2, 5, 2
     monkeypatch.setattr(rnn_module, "_BLOCK_BYTES", 2 * (tasks * batch * 4 * hidden * 8))  # 2 steps
     monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", LOCAL_DERIVATIVES[local])
 

@@ -226,17 +226,22 @@ def _task_rows(v: Tensor) -> Tensor:
     return v.flatten(1, 2)
 
 
-def _sum_dz_outer_previous(dz: Tensor, first: Tensor | None, rest: Tensor, out: Tensor | None = None) -> Tensor:
+def _sum_dz_outer_previous(dz: Tensor, first: Tensor | None, rest: Tensor, out: Tensor | None = None,
+                           overwrite: bool = False) -> Tensor:
     """``Σ_s dz_sᵀ v_{s-1}`` per task, with ``v_{-1} = first`` (``[T, B, K]``; None: zero) and ``v_s = rest[:, s]``,
-    added to ``out`` in place when given (no graph is recorded here).
+    added to ``out`` in place when given, or written over it with ``overwrite`` (no graph is recorded here).
 
     Two matmuls over views: no copy of ``rest`` shifted by one step."""
     t, length, _, gates = dz.shape
     if out is None:
-        out = dz.new_zeros(t, gates, rest.shape[-1])
+        out, overwrite = dz.new_empty(t, gates, rest.shape[-1]), True
+    if overwrite and length == 1 and first is None:
+        return out.zero_()
+    beta = 0 if overwrite else 1
     if length > 1:
-        out.baddbmm_(_task_rows(dz[:, 1:]).transpose(1, 2), _task_rows(rest[:, :-1]))
-    return out if first is None else out.baddbmm_(dz[:, 0].transpose(1, 2), first)
+        out.baddbmm_(_task_rows(dz[:, 1:]).transpose(1, 2), _task_rows(rest[:, :-1]), beta=beta)
+        beta = 1
+    return out if first is None else out.baddbmm_(dz[:, 0].transpose(1, 2), first, beta=beta)
 
 
 @torch.no_grad()
@@ -262,24 +267,28 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
     local = d_acts is not None or d_coef is not None or d_q is not None
     w = w_hh[0] if hh_shared else w_hh
     d_x = x.new_empty(t, length, b, d) if need_x else None
-    d_w_hh = x.new_zeros(w_hh.shape) if need_w_hh else None
+    d_w_hh = x.new_empty(w_hh.shape) if need_w_hh else None
     # W_ih and the bias in one matmul per block: the inputs with a column of ones, [T, L, B, D + 1]
     need_b = need_b_ih or need_b_hh
     x_ones = torch.cat([x.transpose(1, 2), x.new_ones(t, length, b, 1)], -1) if need_w_ih or need_b else None
     # kept transposed, [T, D + 1, 4H]: [x, 1]ᵀ dz is 2-3x faster than dzᵀ [x, 1] for a few input features
-    d_w_ih_b_t = x.new_zeros(t, d + 1, 4 * hidden) if x_ones is not None else None
+    d_w_ih_b_t = x.new_empty(t, d + 1, 4 * hidden) if x_ones is not None else None
+    folded = False  # the first block folded (the last steps) writes the weight gradients, the others add to them
 
     def fold(dz: Tensor, start: int) -> None:
         """Steps ``start …`` into the input, weight and bias gradients: a few large matmuls per block."""
+        nonlocal folded
         n, rows = dz.shape[1], _task_rows(dz)
+        beta = 1 if folded else 0
         if need_x:
             d_x[:, start:start + n] = torch.matmul(rows, w_ih[0] if ih_shared else w_ih).view(t, n, b, d)
         if d_w_ih_b_t is not None:  # Σ_s [x_s, 1]ᵀ dz_s
-            d_w_ih_b_t.baddbmm_(_task_rows(x_ones[:, start:start + n]).transpose(1, 2), rows)
+            d_w_ih_b_t.baddbmm_(_task_rows(x_ones[:, start:start + n]).transpose(1, 2), rows, beta=beta)
         if need_w_hh and start:  # Σ_s dz_sᵀ h_{s-1}: the block's previous states are one slice of hs
-            d_w_hh.baddbmm_(rows.transpose(1, 2), _task_rows(hs[:, start - 1:start + n - 1]))
+            d_w_hh.baddbmm_(rows.transpose(1, 2), _task_rows(hs[:, start - 1:start + n - 1]), beta=beta)
         elif need_w_hh:  # the first block: h0 before step 0
-            _sum_dz_outer_previous(dz, h0, hs[:, :n], out=d_w_hh)
+            _sum_dz_outer_previous(dz, h0, hs[:, :n], out=d_w_hh, overwrite=not folded)
+        folded = True
 
     # dz of blocks of _BLOCK_BYTES (all steps when recording: large fresh buffers cost page faults), written
     # task-major ([T, n, B, 4H]) so that each task's rows of a block are one matrix for the fold

@@ -249,6 +249,28 @@ def test_backward_allocates_no_full_size_tensor_per_step(cell):
     assert full[4] == full[8], f"full-size allocations grow with the sequence length: {full}"
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
+def test_weights_in_any_layout_are_left_unchanged(shared):
+    """The forward doubles the g rows of its own copy of the recurrent weights, never the caller's tensor,
+    whatever its layout (here ``[T, H, 4H]`` in memory, which a plain ``.contiguous()`` would return as is)."""
+    torch.manual_seed(7)
+    tasks, batch, length, d, hidden = 2, 3, 4, 2, 3
+    w_hh = torch.randn(1 if shared else tasks, hidden, 4 * hidden, dtype=F64).transpose(1, 2)
+    if shared:
+        w_hh = w_hh.expand(tasks, -1, -1)
+    before = w_hh.clone()
+    x = torch.randn(tasks, batch, length, d, dtype=F64)
+    w_ih, b_ih, b_hh = (torch.randn(tasks, *shape, dtype=F64) for shape in ((4 * hidden, d), (4 * hidden,),
+                                                                               (4 * hidden,)))
+    out, _ = lstm_layer(x, w_ih, w_hh, b_ih, b_hh)
+    assert torch.equal(w_hh, before)
+    for t in range(tasks):
+        ref = nn.LSTM(d, hidden, batch_first=True).to(F64)
+        ref.load_state_dict({"weight_ih_l0": w_ih[t], "weight_hh_l0": before[t], "bias_ih_l0": b_ih[t],
+                             "bias_hh_l0": b_hh[t]})
+        torch.testing.assert_close(out[t], ref(x[t])[0], rtol=1e-12, atol=1e-12)
+
+
 def test_bad_cell_name():
     with pytest.raises(ValueError, match="cell"):
         RNN("rnn", 2, 3)

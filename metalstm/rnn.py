@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from metalstm import kernels
+
 State = tuple[Tensor, ...]
 
 
@@ -60,6 +62,11 @@ def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
+def _unit_stride(v: Tensor | None) -> Tensor | None:
+    """``v`` with a contiguous last dimension, as the fused kernels read it (gradients often come expanded)."""
+    return v if v is None or v.stride(-1) == 1 else v.contiguous()
+
+
 # A block of gate gradients folded into the weight gradients at once holds at most this many bytes (unless
 # recording): large enough for efficient matmuls, small enough to stay in cache and avoid page faults
 _BLOCK_BYTES = 4 << 20
@@ -90,10 +97,12 @@ class _LSTMLayer(torch.autograd.Function):
     whose hand-written backward sends gradients to the saved gates, ``coef``, ``q`` and ``hs``; those
     reach this node's backward again, which folds them in with ``_local_vjp``. For speed:
 
-    - the forward records no graph: a few in-place ops per step into preallocated outputs; ``coef`` and
-      ``q`` are skipped when no backward will follow, and computed after the loop for all steps at once
-      when the gates are small (``_WHOLE_SEQUENCE_LOCAL_BYTES``: per-step calls would cost more than
-      their work), step by step otherwise;
+    - the forward records no graph: per step, one matmul and one fused kernel pass on CPU
+      (``metalstm.kernels``; forward and backward each do a step's elementwise work in one pass), or else
+      a few in-place ops, into preallocated outputs; ``coef`` and ``q`` are skipped when no backward will
+      follow and, with the ops, computed after the loop for all steps at once when the gates are small
+      (``_WHOLE_SEQUENCE_LOCAL_BYTES``: per-step calls would cost more than their work), step by step
+      otherwise;
     - the weight, bias and input gradients are a few large matmuls over blocks of at most ``_BLOCK_BYTES``
       (``[4H, n·B] @ [n·B, ·]`` per task), not ``L`` per-step outer products summed one by one;
     - when all tasks hold the same weights (θ broadcast before the first inner step: stride 0), each step
@@ -138,10 +147,12 @@ class _LSTMLayer(torch.autograd.Function):
         w = (w_hh[0] if hh_shared else w_hh).transpose(-1, -2).clone(memory_format=torch.contiguous_format)
         w[..., g_rows] *= 2
         minus_one, zero = x.new_full((), -1.0), x.new_zeros(())
-        # the local derivatives: after the loop, all steps at once, when the gates are small (each per-step op
-        # would cost more in calls than in work), or step by step while each step is in cache
-        whole = backward and acts.numel() * acts.element_size() <= _WHOLE_SEQUENCE_LOCAL_BYTES
-        per_step = backward and not whole
+        # each step's elementwise work in one fused pass where the kernels apply (metalstm.kernels); otherwise as
+        # PyTorch ops, with the local derivatives after the loop, all steps at once, when the gates are small
+        # (each per-step op would cost more in calls than in work), or step by step while each step is in cache
+        fused = kernels.lstm_step(x)
+        whole = fused is None and backward and acts.numel() * acts.element_size() <= _WHOLE_SEQUENCE_LOCAL_BYTES
+        per_step = fused is None and backward and not whole
         # every step's views made up front: per-step indexing would cost more calls than the tiny steps of
         # serving take to compute
         # (a step's gates as one [T·B, 4H] matrix when the recurrent weights are shared, else [T, B, 4H])
@@ -151,30 +162,34 @@ class _LSTMLayer(torch.autograd.Function):
                  if per_step else itertools.repeat((None,) * 5))
         steps = zip(step_gates.unbind(0), gates, local, q.unbind(0) if backward else itertools.repeat(None),
                     hs.unbind(1), cs.unbind(1))
-        h, c = h0, c0
+        h, c = h0, _unit_stride(c0)
         for s, (a, (i, f, g, o), (k, k_i, k_f, k_g, k_o), q_s, h_s, c_s) in enumerate(steps):
             if hh_shared:
                 a.addmm_(h.reshape(t * b, hidden), w)
             else:
                 a.baddbmm_(h, w)
-            a.sigmoid_()  # the g block now holds s = sigmoid(2z)
-            if per_step:
-                torch.addcmul(a, a, a, value=-1, out=k.view_as(a))  # σ' = σ - σ²; for g, s(1 - s) = (1 - tanh²z)/4
-            torch.add(minus_one, g, alpha=2, out=g)  # g = 2s - 1 = tanh(z)
-            torch.mul(f, c, out=c_s).addcmul_(i, g)  # c = f·c_prev + i·g
-            tanh_c = torch.tanh(c_s, out=q_s) if whole else torch.tanh(c_s)  # q keeps tanh(c) for after the loop
-            torch.mul(o, tanh_c, out=h_s)  # h = o·tanh(c)
-            if per_step:
-                torch.addcmul(o, h_s, tanh_c, value=-1, out=q_s)  # o·(1 - tanh²c)
-                k_i.mul_(g)
-                k_f.mul_(c)
-                torch.addcmul(zero, k_g, i, value=4, out=k_g)  # i·(1 - g²)
-                k_o.mul_(tanh_c)
+            if fused is not None:  # the same maths as the ops below, in one pass
+                k = coef[s] if backward else c_s
+                fused.forward_step(a.view(t, b, 4 * hidden), c, c_s, h_s, k, q_s if backward else c_s, backward)
+            else:
+                a.sigmoid_()  # the g block now holds s = sigmoid(2z)
+                if per_step:  # σ' = σ - σ²; for g, s(1 - s) = (1 - tanh²z)/4
+                    torch.addcmul(a, a, a, value=-1, out=k.view_as(a))
+                torch.add(minus_one, g, alpha=2, out=g)  # g = 2s - 1 = tanh(z)
+                torch.mul(f, c, out=c_s).addcmul_(i, g)  # c = f·c_prev + i·g
+                tanh_c = torch.tanh(c_s, out=q_s) if whole else torch.tanh(c_s)  # q keeps tanh(c) for after the loop
+                torch.mul(o, tanh_c, out=h_s)  # h = o·tanh(c)
+                if per_step:
+                    torch.addcmul(o, h_s, tanh_c, value=-1, out=q_s)  # o·(1 - tanh²c)
+                    k_i.mul_(g)
+                    k_f.mul_(c)
+                    torch.addcmul(zero, k_g, i, value=4, out=k_g)  # i·(1 - g²)
+                    k_o.mul_(tanh_c)
             if not real[s]:  # padded: carry the state; nothing flows through the discarded new one
                 m = keep[s]
                 torch.where(m, c_s, c, out=c_s)
                 torch.where(m, h_s, h, out=h_s)
-                if per_step:
+                if backward and not whole:  # this step's local derivatives are written (by the kernel or the ops)
                     k.masked_fill_(~m, 0.0)
                     q_s.masked_fill_(~m, 0.0)
             h, c = h_s, c_s
@@ -296,6 +311,7 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
     k_ifg, k_o = k4[..., :3, :].unbind(0), k4[..., 3, :].unbind(0)
     f_gate, q = acts.view(length, t, b, 4, hidden)[..., 1, :].unbind(0), q.unbind(0)
     dz_all = None
+    fused = kernels.lstm_step(x)
     block_steps = max(1, _BLOCK_BYTES // (t * b * 4 * hidden * x.element_size()))
     dh_all, dc_all = (x.new_empty(t, length, b, hidden), x.new_empty(t, length, b, hidden)) if record else (None, None)
     block, start = None, length
@@ -309,6 +325,14 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
         dh = _plus(None if d_hs is None else d_hs[:, s], dh)
         dc = _plus(None if d_cs is None else d_cs[:, s], dc)
         dh = h0.new_zeros(t, b, hidden) if dh is None else dh
+        if fused is not None and m is None and not local and not record:  # the same maths as below, in one pass
+            dz = z_rows[s - start]
+            dc = fused.backward_step(_unit_stride(dh), _unit_stride(dc), q[s], coef[s], f_gate[s], dz)
+            dh = torch.matmul(dz, w)
+            if s == start:
+                fold(block.flatten(3), start)
+                block = None
+            continue
         dc = dh * q[s] if dc is None else torch.addcmul(dc, dh, q[s])  # h = o·tanh(c)
         dz_local = dc_prev_local = None
         if local:

@@ -48,11 +48,13 @@ _MODELS: dict[str, ServedModel] = {}  # in the child: model URI -> model
 
 
 def _start_child(torch_threads: int) -> int:
+    from metalstm import kernels
     from metalstm.runtime import retain_freed_memory
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     retain_freed_memory()
+    kernels.warm_up()  # before the replica takes requests: no request pays for a first build
     return os.getpid()
 
 

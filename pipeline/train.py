@@ -25,7 +25,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from metalstm import MetaLearner, build_model, collate, learner_from_checkpoint, load_checkpoint, save_checkpoint
+from metalstm import (
+    MetaLearner,
+    build_model,
+    collate,
+    kernels,
+    learner_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from metalstm.runtime import retain_freed_memory
 from pipeline.config import TrainConfig, apply_manifest, from_dict, load_config, to_dict
 
@@ -94,6 +102,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = from_dict(config["train"])
     retain_freed_memory()
+    kernels.warm_up()  # load (on a node's first run: build) the fused LSTM kernels before the first step
     if not log.handlers:  # worker processes start without logging configured; progress goes to the job log
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -344,6 +353,7 @@ def train(cfg: TrainConfig) -> Any:
              "features": manifest.get("features", {}), "vocab": manifest.get("vocab") or {},
              "normalisation": manifest.get("normalisation") or {}}
 
+    kernels.warm_up()  # one build on this node before the workers start, not one wait per worker
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     datasets = {"train": read_dataset(store_uri, cfg.data.train_split)}

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from metalstm import kernels
 from metalstm import rnn as rnn_module
 from metalstm.models import RNN, batched
 from metalstm.rnn import _LSTMLayer, _step_masks, gru_layer, lstm_layer, rnn_stack
@@ -15,9 +16,20 @@ F64 = torch.float64
 TORCH_RNN = {"lstm": nn.LSTM, "gru": nn.GRU}
 LAYER = {"lstm": lstm_layer, "gru": gru_layer}
 GATES = {"lstm": 4, "gru": 3}
-# The LSTM forward computes its local derivatives all steps at once (small gates) or step by step (large):
-# the exactness tests run both
+# The LSTM node does each step's elementwise work in the fused kernels (metalstm.kernels) where they can be built,
+# else as PyTorch ops, which compute the local derivatives all steps at once (small gates) or step by step
+# (large): the exactness tests run all three
 LOCAL_DERIVATIVES = {"all_steps_at_once": 1 << 40, "step_by_step": 0}
+LSTM_PATHS = ["fused_kernels", "ops_all_steps_at_once", "ops_step_by_step"]
+
+
+def use_lstm_path(path: str, monkeypatch) -> None:
+    if path == "fused_kernels":
+        if not kernels.warm_up():
+            pytest.skip("the fused LSTM kernels cannot be built here (needs a C++ compiler and ninja)")
+        return
+    monkeypatch.setenv(kernels.ENV, "0")
+    monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", LOCAL_DERIVATIVES[path.removeprefix("ops_")])
 
 
 def per_task_weights(rnn: RNN, tasks: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,11 +111,11 @@ def test_right_padding_keeps_outputs_and_carries_the_final_state(cell):
             torch.testing.assert_close(out[t, n, real:], out[t, n, real - 1].expand(length - real, hidden))
 
 
-@pytest.mark.parametrize("cell,local", [("lstm", "all_steps_at_once"), ("lstm", "step_by_step"), ("gru", None)])
-def test_gradgradcheck_with_masks_and_initial_state(cell, local, monkeypatch):
+@pytest.mark.parametrize("cell,path", [*(("lstm", p) for p in LSTM_PATHS), ("gru", None)])
+def test_gradgradcheck_with_masks_and_initial_state(cell, path, monkeypatch):
     """Second-order gradients (what MAML needs) are exact, padding and carried state included."""
-    if local:
-        monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", LOCAL_DERIVATIVES[local])
+    if path:
+        use_lstm_path(path, monkeypatch)
     torch.manual_seed(3)
     tasks, batch, length, d, hidden = 2, 3, 4, 2, 2
     gates = GATES[cell] * hidden
@@ -127,9 +139,9 @@ def test_gradgradcheck_with_masks_and_initial_state(cell, local, monkeypatch):
 
 
 @pytest.mark.parametrize("d", [1, 2], ids=["one_input_feature", "two_input_features"])
-@pytest.mark.parametrize("local", sorted(LOCAL_DERIVATIVES))
+@pytest.mark.parametrize("path", LSTM_PATHS)
 @pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
-def test_lstm_node_gradients_on_every_output(shared, local, d, monkeypatch):
+def test_lstm_node_gradients_on_every_output(shared, path, d, monkeypatch):
     """The LSTM node's hand-written backward on all seven outputs (gates and local derivatives included: the
     second backward of MAML sends gradients there), and its hand-written second-order node on the four
     outputs a caller can use, with padding and the one-matmul path taken when every task holds the same
@@ -138,7 +150,7 @@ def test_lstm_node_gradients_on_every_output(shared, local, d, monkeypatch):
     torch.manual_seed(6)
     tasks, batch, length, hidden = 2, 2, 5, 2
     monkeypatch.setattr(rnn_module, "_BLOCK_BYTES", 2 * (tasks * batch * 4 * hidden * 8))  # 2 steps
-    monkeypatch.setattr(rnn_module, "_WHOLE_SEQUENCE_LOCAL_BYTES", LOCAL_DERIVATIVES[local])
+    use_lstm_path(path, monkeypatch)
 
     # the weights' leaves: one per task, or one shared by all tasks and broadcast inside f
     lead = () if shared else (tasks,)
@@ -164,6 +176,49 @@ def test_lstm_node_gradients_on_every_output(shared, local, d, monkeypatch):
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *leaves))
     assert torch.autograd.gradgradcheck(state_outputs, (x, h0, c0, *leaves))
+
+
+@pytest.mark.parametrize("hidden", [20, 64], ids=["vector_tail", "whole_vectors"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_task_weights", "broadcast_weights"])
+def test_fused_kernels_give_what_the_ops_give_in_float32(shared, hidden, monkeypatch):
+    """The training dtype: every output of the forward and every gradient of the backward (first order, as
+    the inner loop takes it) agree with the PyTorch-ops path to float32 rounding, padding included; a hidden
+    size that is not a whole number of vectors exercises the kernels' tails."""
+    if not kernels.warm_up():
+        pytest.skip("the fused LSTM kernels cannot be built here (needs a C++ compiler and ninja)")
+    torch.manual_seed(8)
+    tasks, batch, length, d = 3, 4, 9, 2
+    lead = 1 if shared else tasks
+    shapes = ((4 * hidden, d), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,))
+    weights = [torch.randn(lead, *shape) * 0.5 for shape in shapes]
+    x = torch.randn(tasks, batch, length, d)
+    h0, c0 = torch.randn(tasks, batch, hidden), torch.randn(tasks, batch, hidden)
+    mask = torch.ones(tasks, batch, length)
+    mask[0, 1, 7:] = 0  # steps 0-6 take the fused path both ways, 7-8 the padded one
+    mask[2, 3, 8:] = 0
+    keep, real = _step_masks(mask, length)
+
+    def run() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        leaves = [w.clone().requires_grad_(True) for w in weights]
+        per_task = [w.expand(tasks, *w.shape[1:]) for w in leaves]
+        out = _LSTMLayer.apply(x, *per_task, h0, c0, keep, real)
+        loss = out[0].sin().sum() + (out[5] * out[6]).sum()  # every step's h, and the final state
+        return [o.detach() for o in out], torch.autograd.grad(loss, leaves)
+
+    fused_out, fused_grads = run()
+    monkeypatch.setenv(kernels.ENV, "0")
+    ops_out, ops_grads = run()
+    for name, got, want in zip(["hs", "cs", "acts", "coef", "q", "h", "c"], fused_out, ops_out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for got, want in zip(fused_grads, ops_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_kernels_apply_only_to_cpu_floating_point_and_can_be_switched_off(monkeypatch):
+    x = torch.zeros(1, 1, 1, 1)
+    assert kernels.lstm_step(x.to(torch.bfloat16)) is None
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.enabled() and kernels.lstm_step(x) is None and not kernels.warm_up()
 
 
 def test_third_order_gradients_are_refused_clearly():

@@ -325,33 +325,29 @@ def _lstm_backward(x: Tensor, w_ih: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor
         dh = _plus(None if d_hs is None else d_hs[:, s], dh)
         dc = _plus(None if d_cs is None else d_cs[:, s], dc)
         dh = h0.new_zeros(t, b, hidden) if dh is None else dh
-        if fused is not None and m is None and not local and not record:  # the same maths as below, in one pass
-            dz = z_rows[s - start]
-            dc = fused.backward_step(_unit_stride(dh), _unit_stride(dc), q[s], coef[s], f_gate[s], dz)
-            dh = torch.matmul(dz, w)
-            if s == start:
-                fold(block.flatten(3), start)
-                block = None
-            continue
-        dc = dh * q[s] if dc is None else torch.addcmul(dc, dh, q[s])  # h = o·tanh(c)
-        dz_local = dc_prev_local = None
-        if local:
-            step = (None if g is None else g[s] for g in (d_acts, d_coef, d_q))
-            dz_local, dc_local, dc_prev_local = _local_vjp(acts[s], cs[:, s], cs[:, s - 1] if s else c0,
-                                                           hs[:, s], m, *step)
-            dc += dc_local
-        # c = f·c_prev + i·g, h = o·tanh(c): dz = [dc, dc, dc, dh] ⊙ coef
-        torch.mul(k_ifg[s], dc.unsqueeze(2), out=z_ifg[s - start])
-        torch.mul(k_o[s], dh, out=z_o[s - start])
         dz = z_rows[s - start]
-        if dz_local is not None:
-            dz += dz_local
-        if record:
-            dh_all[:, s], dc_all[:, s] = dh, dc
-        dh_prev, dc_prev = torch.matmul(dz, w), dc * f_gate[s]
-        if dc_prev_local is not None:
-            dc_prev += dc_prev_local
-        if m is not None:  # padded: the state was carried (coef and q are 0 there), so is its gradient
+        if fused is not None and m is None and not local and not record:  # the same maths as below, in one pass
+            dc_prev = fused.backward_step(_unit_stride(dh), _unit_stride(dc), q[s], coef[s], f_gate[s], dz)
+        else:
+            dc = dh * q[s] if dc is None else torch.addcmul(dc, dh, q[s])  # h = o·tanh(c)
+            dz_local = dc_prev_local = None
+            if local:
+                step = (None if g is None else g[s] for g in (d_acts, d_coef, d_q))
+                dz_local, dc_local, dc_prev_local = _local_vjp(acts[s], cs[:, s], cs[:, s - 1] if s else c0,
+                                                               hs[:, s], m, *step)
+                dc += dc_local
+            # c = f·c_prev + i·g, h = o·tanh(c): dz = [dc, dc, dc, dh] ⊙ coef
+            torch.mul(k_ifg[s], dc.unsqueeze(2), out=z_ifg[s - start])
+            torch.mul(k_o[s], dh, out=z_o[s - start])
+            if dz_local is not None:
+                dz += dz_local
+            if record:
+                dh_all[:, s], dc_all[:, s] = dh, dc
+            dc_prev = dc * f_gate[s]
+            if dc_prev_local is not None:
+                dc_prev += dc_prev_local
+        dh_prev = torch.matmul(dz, w)
+        if m is not None:  # padded (ops path only): the state was carried (coef and q are 0 there), so is its gradient
             dh_prev, dc_prev = dh_prev + torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
         dh, dc = dh_prev, dc_prev
         if s == start:

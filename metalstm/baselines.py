@@ -22,7 +22,7 @@ from torch import Tensor
 
 from metalstm.data import PAD, Split, collate
 from metalstm.maml import InnerRates, NonFiniteLossError, inner_loop
-from metalstm.models import MetaModel, batched
+from metalstm.models import MetaModel, batched, seasonal_naive  # noqa: F401  (re-exported: a baseline)
 from metalstm.training import fit
 
 Params = Mapping[str, Tensor]
@@ -35,11 +35,11 @@ def t_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float
 
     The unit is one (test task, seed) pair: the spread covers both task difficulty and training randomness.
     """
-    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    a = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
     if a.size == 0:
         return float("nan"), float("nan"), 0
-    if a.size == 1:
-        return float(a[0]), float("nan"), 1
+    if a.size == 1 or not np.isfinite(a).all():  # an infinite value (a diverged adaptation): no interval
+        return float(a.mean()), float("nan"), int(a.size)
     from scipy.stats import t as student_t
 
     half = float(student_t.ppf(0.5 + confidence / 2, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
@@ -63,22 +63,6 @@ def subsample_support(task: Mapping[str, Any], shots: int, rng: np.random.Genera
 
 
 # --------------------------------------------------------------------------------------------- forecasting
-
-
-def seasonal_naive(x: Tensor, x_mask: Tensor, horizon: int, season: int) -> Tensor:
-    """Repeat each window's last ``season`` actual values: ``ŷ[h] = x[end - season + h mod season]``.
-
-    ``x [T, N, L, F]`` (value in feature 0, as scaled in the store), ``x_mask [T, N, L]`` → ``[T, N, H]``.
-    With hourly data and ``season = 24`` this is "tomorrow looks like today", the strong naive load forecast.
-    """
-    if season < 1:
-        raise ValueError(f"season: must be >= 1, got {season}")
-    lengths = x_mask.sum(-1).long()  # [T, N]
-    if int(lengths.min()) < season:
-        raise ValueError(f"season: {season} exceeds the shortest input window ({int(lengths.min())} steps)")
-    offs = torch.arange(horizon, device=x.device) % season  # [H]
-    index = (lengths.unsqueeze(-1) - season + offs).clamp_min(0)  # [T, N, H]
-    return x[..., 0].gather(-1, index)
 
 
 def pooled_errors(pred: Tensor, target: Tensor, mask: Tensor, offset: Tensor, scale: Tensor) -> dict[str, float]:
@@ -140,7 +124,8 @@ class KneserNeyLM:
             if k < self.order:
                 keys, counts = np.unique(keys % v**k, return_counts=True)
             n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
-            d = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.5
+            # without singletons the estimate is D = 0, which leaves no mass for unseen tokens (log 0): back off
+            d = n1 / (n1 + 2 * n2) if n1 > 0 else 0.5
             ctx, inverse = np.unique(keys // v, return_inverse=True)
             tables.append({"keys": keys, "counts": counts.astype(np.float64), "ctx": ctx,
                            "ctx_total": np.bincount(inverse, weights=counts).astype(np.float64),

@@ -14,6 +14,8 @@ class ModelConfig:
     input_size: int = 1  # forecaster: value + covariates per step; mlp: input features
     output_size: int = 1  # mlp only
     horizon: int = 24  # forecaster: values predicted per window
+    base_season: int = 0  # forecaster: > 0 predicts a correction to the seasonal-naive forecast of this period
+    loss: str = "mse"  # forecaster training loss: mse | l1 (mean absolute error, ND-like on scaled values)
     mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])
     vocab_size: int = 52  # char_lm vocabulary; seq2seq source vocabulary
     tgt_vocab_size: int = 0  # seq2seq target vocabulary

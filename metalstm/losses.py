@@ -21,6 +21,11 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return _per_task((pred - target).pow(2), mask)
 
 
+def masked_l1(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean absolute error per task: on per-task scaled values it ranks forecasts as ND does."""
+    return _per_task((pred - target).abs(), mask)
+
+
 def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Mean token negative log-likelihood (nats) per task; ``logits [T, N, L, V]``, ``target [T, N, L]``."""
     nll = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none").view_as(target)

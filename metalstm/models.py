@@ -121,20 +121,56 @@ class MLP(MetaModel):
         return {"mse": self.task_loss(params, split)}
 
 
+def seasonal_naive(x: Tensor, x_mask: Tensor, horizon: int, season: int) -> Tensor:
+    """Repeat each window's last ``season`` actual values: ``ŷ[h] = x[end - season + h mod season]``.
+
+    ``x [T, N, L, F]`` (value in feature 0, as scaled in the store), ``x_mask [T, N, L]`` → ``[T, N, H]``.
+    With hourly data and ``season = 24`` this is "tomorrow looks like today", the strong naive load forecast.
+    """
+    if season < 1:
+        raise ValueError(f"season: must be >= 1, got {season}")
+    lengths = x_mask.sum(-1).long()  # [T, N]; 0 for a padding row of a task with fewer examples
+    real = lengths[lengths > 0]
+    if real.numel() and int(real.min()) < season:
+        raise ValueError(f"season: {season} exceeds the shortest input window ({int(real.min())} steps)")
+    offs = torch.arange(horizon, device=x.device) % season  # [H]
+    index = (lengths.unsqueeze(-1) - season + offs).clamp_min(0)  # [T, N, H]
+    return x[..., 0].gather(-1, index)
+
+
 class Forecaster(MetaModel):
-    """A window of values (+ covariates) ``[T, N, L, F]`` → the next ``horizon`` values ``[T, N, H]``."""
+    """A window of values (+ covariates) ``[T, N, L, F]`` → the next ``horizon`` values ``[T, N, H]``.
+
+    ``base_season > 0`` makes the network predict a *correction* to the seasonal-naive forecast (the last
+    ``base_season`` values repeated): its head starts at zero, so before any training it *is* the classical
+    baseline, and learning (or adaptation) only has to find what the naive forecast gets wrong.
+    ``loss="l1"`` trains on the mean absolute error of the scaled values, which ranks forecasts as ND does.
+    """
 
     family = "forecast"
+    LOSSES = ("mse", "l1")
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, horizon: int, cell: str = "lstm"):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, horizon: int, cell: str = "lstm",
+                 base_season: int = 0, loss: str = "mse"):
         super().__init__()
-        self.input_size, self.horizon = input_size, horizon
+        if base_season < 0:
+            raise ValueError(f"model.base_season: must be >= 0 (0 = no seasonal-naive base), got {base_season}")
+        if loss not in self.LOSSES:
+            raise ValueError(f"model.loss: expected one of {list(self.LOSSES)}, got {loss!r}")
+        self.input_size, self.horizon, self.base_season, self.loss = input_size, horizon, base_season, loss
         self.rnn = RNN(cell, input_size, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, horizon)
+        if base_season:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, params: Params, x: Tensor, x_mask: Tensor | None = None) -> Tensor:
         _, finals = self.rnn(sub(params, "rnn"), x, x_mask)
-        return linear(finals[-1][0], params["head.weight"], params["head.bias"])
+        out = linear(finals[-1][0], params["head.weight"], params["head.bias"])
+        if self.base_season:
+            mask = x_mask if x_mask is not None else torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+            out = out + seasonal_naive(x, mask, self.horizon, self.base_season)
+        return out
 
     def check(self, split: Split, name: str) -> None:
         t, n = split.x.shape[:2]
@@ -142,7 +178,10 @@ class Forecaster(MetaModel):
         _expect(split.y, f"{name}.y", (t, n, self.horizon), integer=False)
 
     def task_loss(self, params: Params, split: Split) -> Tensor:
-        return losses.masked_mse(self(params, split.x, split.x_mask), split.y, split.y_mask)
+        pred = self(params, split.x, split.x_mask)
+        if self.loss == "l1":
+            return losses.masked_l1(pred, split.y, split.y_mask)
+        return losses.masked_mse(pred, split.y, split.y_mask)
 
     def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
         pred = self(params, split.x, split.x_mask)
@@ -290,7 +329,8 @@ def build_model(cfg: ModelConfig) -> MetaModel:
     if cfg.kind == "mlp":
         return MLP([cfg.input_size, *cfg.mlp_hidden, cfg.output_size])
     if cfg.kind == "forecaster":
-        return Forecaster(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.cell)
+        return Forecaster(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.cell,
+                          base_season=cfg.base_season, loss=cfg.loss)
     if cfg.kind == "char_lm":
         return CharLM(cfg.vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers, cfg.cell)
     if cfg.kind == "seq2seq":

@@ -216,7 +216,10 @@ class _LSTMLayer(torch.autograd.Function):
             grads = _lstm_backward(x, w_ih, w_hh, h0, c0, hs, cs, acts, coef, q, *flags,
                                    d_hs, d_cs, d_acts, d_coef, d_q, d_h_last, d_c_last)[:6]
         d_x, d_w_ih, d_w_hh, d_b, dh0, dc0 = grads
-        return d_x, d_w_ih, d_w_hh, d_b, d_b, dh0, dc0, None, None, None
+        # the two biases get equal gradients but never one tensor: autograd may store it as both ``.grad`` s, and an
+        # in-place update of one (``clip_grad_norm_``) would then scale the other twice
+        d_b_hh = d_b.clone() if d_b is not None else None
+        return d_x, d_w_ih, d_w_hh, d_b, d_b_hh, dh0, dc0, None, None, None
 
 
 def _local_derivatives(acts: Tensor, cs: Tensor, c0: Tensor, q: Tensor, coef: Tensor, keep: Tensor | None) -> None:

@@ -118,6 +118,31 @@ def finite_runs(values) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
+def common_dips(matrix, *, share: float = 0.95, ratio: float = 0.5, min_series: int = 3) -> np.ndarray:
+    """Steps at which (nearly) every series collapses at once: indices into the rows of a ``[T, N]`` matrix.
+
+    Why: a reading that drops in every meter during the same single step is not consumption but an artefact
+    of how the data were recorded, e.g. the hour lost when clocks go forward (the UCI export's 2014-03-30
+    01:00 holds one quarter-hour's load, or 0). Left in, every window over it teaches a fake dip.
+    A step counts when, among the series whose two neighbouring values are positive (finite), at least
+    ``share`` read below ``ratio`` x the smaller neighbour (exact zeros included) and there are at least
+    ``min_series`` such series. The first and last steps have one neighbour and never count. NaN = absent.
+    """
+    m = np.asarray(matrix, np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"matrix: expected [steps, series], got shape {m.shape}")
+    if len(m) < 3:
+        return np.zeros(0, np.int64)
+    with np.errstate(invalid="ignore"):
+        low = np.fmin(m[:-2], m[2:])
+        low = np.where(np.isfinite(m[:-2]) & np.isfinite(m[2:]), low, np.nan)
+        active = low > 0
+        dips = (active & (m[1:-1] < ratio * low)).sum(axis=1)
+    n = active.sum(axis=1)
+    hit = (n >= min_series) & (dips >= share * np.maximum(n, 1))
+    return np.flatnonzero(hit) + 1
+
+
 def _features(values: np.ndarray, covariates: np.ndarray | None, offset: float, scale: float) -> np.ndarray:
     v = ((np.asarray(values, np.float64) - offset) / scale).astype(np.float32)[:, None]
     if covariates is None or covariates.shape[1] == 0:

@@ -55,6 +55,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Conventional pre-training of θ before meta-training (same network, pooled support + query sequences of the
+    training tasks, Adam); it counts inside Meta-LSTM's compute."""
+
+    steps: int = 0  # Adam steps; 0 = no pre-training stage
+    batch_size: int = 64  # sequences per step, summed over all workers
+    lr: float = 3e-3
+    val_every: int = 0  # steps between validations (and checkpoints); 0 = schedule.val_every
+
+
+@dataclass
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
@@ -87,6 +98,7 @@ class TrainConfig:
     maml: MAMLConfig = field(default_factory=MAMLConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -104,17 +116,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     check(cfg.model.kind in ("mlp", "forecaster", "char_lm", "seq2seq"), "model.kind",
            "expected mlp, forecaster, char_lm or seq2seq", cfg.model.kind)
     check(cfg.model.cell in ("lstm", "gru"), "model.cell", "expected lstm or gru", cfg.model.cell)
+    check(cfg.model.loss in ("mse", "l1"), "model.loss", "expected mse or l1", cfg.model.loss)
+    check(cfg.model.base_season >= 0, "model.base_season", "must be >= 0 (0 = no seasonal-naive base)",
+          cfg.model.base_season)
     for key in ("model.hidden_size", "model.num_layers", "schedule.meta_steps", "schedule.meta_batch_size",
-                "scaling.num_workers", "checkpoint.num_to_keep", "schedule.log_every"):
+                "scaling.num_workers", "checkpoint.num_to_keep", "schedule.log_every", "pretrain.batch_size"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         check(value >= 1, key, "must be >= 1", value)
     for key in ("schedule.val_every", "schedule.val_tasks", "scaling.max_failures", "optim.weight_decay",
-                "optim.grad_clip"):
+                "optim.grad_clip", "pretrain.steps", "pretrain.val_every"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         check(value >= 0, key, "must be >= 0", value)
     check(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
+    check(cfg.pretrain.lr > 0, "pretrain.lr", "must be > 0", cfg.pretrain.lr)
     check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0", cfg.scaling.cpus_per_worker)
     check(cfg.maml.inner_steps >= 0, "maml.inner_steps", "must be >= 0", cfg.maml.inner_steps)
     check(cfg.maml.inner_lr > 0, "maml.inner_lr", "must be > 0", cfg.maml.inner_lr)

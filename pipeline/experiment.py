@@ -54,7 +54,7 @@ from metalstm.baselines import (
 )
 from metalstm.data import Split, TaskBatch, collate
 from metalstm.decoding import predict
-from metalstm.maml import MetaLearner
+from metalstm.maml import MetaLearner, NonFiniteLossError
 from metalstm.models import build_model
 from metalstm.runtime import retain_freed_memory
 from metalstm.training import meta_train
@@ -63,13 +63,22 @@ from pipeline.config import validate as validate_train
 
 log = logging.getLogger(__name__)
 
-METHODS = ("maml", "fomaml", "transfer", "scratch", "classical")
-LABELS = {"maml": "Meta-LSTM (MAML)", "fomaml": "first-order MAML", "transfer": "transfer (pre-train + fine-tune)",
-          "scratch": "scratch (support set only)", "classical": "classical"}
+METHODS = ("maml", "maml_cold", "mamlpp", "fomaml", "transfer", "transfer_long", "scratch", "classical")
+LABELS = {"maml": "Meta-LSTM (MAML)", "maml_cold": "MAML, cold start", "mamlpp": "MAML++ (learned rates, multi-step)",
+          "fomaml": "first-order MAML", "transfer": "transfer (pre-train + fine-tune)",
+          "transfer_long": "transfer, Meta-LSTM's compute", "scratch": "scratch (support set only)",
+          "classical": "classical"}
+META = {"maml": {}, "maml_cold": {}, "mamlpp": {"learn_inner_lr": True, "multi_step_loss": True},
+        "fomaml": {"first_order": True}}  # the meta-learned rows: their MAML settings over train.maml
+# what a row is called in the literature of one family: fine-tuning a character LM on the text it is about to
+# predict is dynamic evaluation (Krause et al. 2018), the anchor any adaptive character LM must beat
+FAMILY_LABELS = {"ptb-char": {"transfer": "transfer + dynamic evaluation (Krause et al. 2018)",
+                              "transfer_long": "transfer + dynamic evaluation, Meta-LSTM's compute"}}
+ADAPTED = ("maml", "maml_cold", "mamlpp", "fomaml", "transfer", "transfer_long")  # follow the k sweep
 CLASSICAL = {"electricity": "seasonal naive (previous day)", "synthetic": "seasonal naive",
              "ptb-char": "Kneser-Ney char n-gram", "mt-en-de": "transfer, no fine-tuning"}
 # the metrics reported per family (lower is better except BLEU/chrF); the first is the headline metric
-FAMILY_METRICS = {"synthetic": ["mse"], "electricity": ["nd", "nrmse"], "ptb-char": ["bpc"],
+FAMILY_METRICS = {"synthetic": ["mse"], "electricity": ["nd", "nrmse", "mse"], "ptb-char": ["bpc"],
                   "mt-en-de": ["bleu", "chrf", "nll"]}
 HIGHER_IS_BETTER = {"bleu", "chrf"}
 
@@ -116,6 +125,9 @@ class ExperimentConfig:
     train_shots: list[int] = field(default_factory=list)  # K drawn per task during meta-training; empty: shots
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    warm_start: bool = True  # maml / mamlpp / fomaml start from the transfer model's θ (its compute counted in)
+    maml_lrs: list[float] = field(default_factory=list)  # test-time α per (K, k) chosen on val; empty: train α
+    mamlpp_inner_steps: int = 0  # MAML++'s trained inner steps (its rates are learned per step); 0: train.maml's
     test_tasks: int = 0  # 0: all test tasks
     val_tasks: int = 32
     val_every: int = 50  # meta-train / pre-train steps between validations (checkpoint selection)
@@ -143,10 +155,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     bad = sorted(set(cfg.methods) - set(METHODS))
     check(not bad and len(cfg.methods) > 0, "methods", f"expected a non-empty subset of {list(METHODS)}",
            cfg.methods)
-    for key in ("test_tasks", "val_every", "threads"):
+    for key in ("test_tasks", "val_every", "threads", "mamlpp_inner_steps"):
         check(getattr(cfg, key) >= 0, key, "must be >= 0", getattr(cfg, key))
     for key in ("val_tasks", "eval_batch", "max_len", "beam"):
         check(getattr(cfg, key) >= 1, key, "must be >= 1", getattr(cfg, key))
+    check(all(x > 0 for x in cfg.maml_lrs), "maml_lrs", "need rates > 0", cfg.maml_lrs)
     b = cfg.baselines
     for key in ("pretrain_steps", "scratch_steps"):
         check(getattr(b, key) >= 0, f"baselines.{key}", "must be >= 0", getattr(b, key))
@@ -264,6 +277,15 @@ class Evaluator:
             bleu.append(sacrebleu.corpus_bleu(hyps, [refs]).score)
             chrf.append(sacrebleu.corpus_chrf(hyps, [refs]).score)
         return {"bleu": bleu, "chrf": chrf}
+
+    def diverged(self, batch: TaskBatch) -> tuple[dict[str, list[float]], Any]:
+        """The record of a task whose adaptation diverged: infinite errors, zero BLEU/chrF."""
+        t = batch.query.x.shape[0]
+        out = {m: [0.0 if m in HIGHER_IS_BETTER else float("inf")] * t for m in ["loss", *self.metrics]}
+        pred = None
+        if self.model.family == "forecast":
+            pred = torch.full_like(batch.query.y, float("inf"))
+        return out, pred
 
     def mean_loss(self, fast_of: Any, tasks: Sequence[dict]) -> float:
         """Mean query loss over ``tasks`` of the fast weights ``fast_of(batch)`` returns."""
@@ -432,34 +454,42 @@ class Experiment:
     # -- training
 
     def _val_post_loss(self, learner: MetaLearner) -> float:
-        steps, shots = self.cfg.train.maml.adapt_steps, max(self.train_shots)
+        steps, shots = learner.cfg.adapt_steps, max(self.train_shots)  # the steps this learner trains
         tasks = kshot(self.val_tasks, shots, seed=0)
 
         def fast_of(b: TaskBatch) -> dict[str, torch.Tensor]:
             return adapt_path(learner.model, _theta(learner.model), b.support, [steps], _inner_lr(learner))[steps]
         return self.ev.mean_loss(fast_of, tasks)
 
-    def meta_train(self, seed: int, first_order: bool) -> MetaLearner:
+    def meta_train(self, seed: int, name: str, init: dict[str, torch.Tensor] | None) -> MetaLearner:
+        """Meta-train one of the META rows from ``init`` (the transfer model's θ: warm start) or from scratch.
+
+        A warm start is validated before the first meta-step too, so selection on val can keep it.
+        """
         c = self.cfg.train
-        maml_cfg = type(c.maml)(**{**vars(c.maml), "first_order": first_order})
+        maml_cfg = type(c.maml)(**{**vars(c.maml), **META[name]})
+        if name == "mamlpp" and self.cfg.mamlpp_inner_steps:
+            maml_cfg.inner_steps = self.cfg.mamlpp_inner_steps
         torch.manual_seed(seed)
         learner = MetaLearner(build_model(c.model), maml_cfg).to(self.cfg.device, self.dtype)
+        if init is not None:
+            learner.model.load_state_dict(init)
         opt = torch.optim.Adam(learner.parameters(), lr=c.optim.lr, weight_decay=c.optim.weight_decay)
-        name = "fomaml" if first_order else "maml"
         batches = task_batches(self.train_tasks, c.schedule.meta_batch_size, self.train_shots, seed, self.dtype,
                                self.cfg.device)
         result = meta_train(learner, batches, c.schedule.meta_steps, opt, grad_clip=c.optim.grad_clip,
                             validate=lambda: self._val_post_loss(learner), val_every=self.cfg.val_every,
+                            validate_start=init is not None,
                             log=lambda r: log.info("%s seed %d step %d: query loss %.4f%s", name, seed, r["step"],
                                                    r["query_loss"], f"  val {r['val']:.4f}" if "val" in r else ""),
                             log_every=max(1, c.schedule.log_every))
         self._note_compute(name, seed, result, params=sum(p.numel() for p in learner.parameters()),
                            unit=f"{c.schedule.meta_steps} meta-steps x {c.schedule.meta_batch_size} tasks, "
-                                f"{maml_cfg.inner_steps} inner steps")
+                                f"{maml_cfg.inner_steps} inner steps" + (", warm start" if init is not None else ""))
         self.curves[f"{name}-seed{seed}"] = result["history"]
         return learner
 
-    def pretrain(self, seed: int) -> torch.nn.Module:
+    def pretrain(self, seed: int, steps: int, name: str = "transfer") -> torch.nn.Module:
         b, c = self.cfg.baselines, self.cfg.train
         torch.manual_seed(seed)
         model = build_model(c.model).to(self.cfg.device, self.dtype)
@@ -469,17 +499,16 @@ class Experiment:
         def val_loss() -> float:
             with torch.no_grad():
                 return float(model.task_loss({n: p.unsqueeze(0) for n, p in _theta(model).items()}, val_split).mean())
-        result = pretrain(model, pairs, steps=b.pretrain_steps, batch_size=b.pretrain_batch, lr=b.pretrain_lr,
+        result = pretrain(model, pairs, steps=steps, batch_size=b.pretrain_batch, lr=b.pretrain_lr,
                           seed=seed, grad_clip=c.optim.grad_clip, dtype=self.dtype, device=self.cfg.device,
                           validate=val_loss,
                           val_every=self.cfg.val_every,
-                          log=lambda r: log.info("pretrain seed %d step %d: loss %.4f%s", seed, r["step"], r["loss"],
+                          log=lambda r: log.info("%s seed %d step %d: loss %.4f%s", name, seed, r["step"], r["loss"],
                                                  f"  val {r['val']:.4f}" if "val" in r else ""),
                           log_every=max(1, c.schedule.log_every))
-        self._note_compute("transfer", seed, result, params=sum(p.numel() for p in model.parameters()),
-                           unit=f"{b.pretrain_steps} Adam steps x {b.pretrain_batch} sequences "
-                                f"(pool of {len(pairs)})")
-        self.curves[f"transfer-seed{seed}"] = result["history"]
+        self._note_compute(name, seed, result, params=sum(p.numel() for p in model.parameters()),
+                           unit=f"{steps} Adam steps x {b.pretrain_batch} sequences (pool of {len(pairs)})")
+        self.curves[f"{name}-seed{seed}"] = result["history"]
         return model
 
     def _note_compute(self, method: str, seed: int, result: dict, params: int, unit: str) -> None:
@@ -533,13 +562,37 @@ class Experiment:
                     groups[rates[(shots, k)]].append(k)
             for rate, ks in groups.items():
                 for part in chunks(tasks, self.cfg.eval_batch):
-                    b = self.ev.batch(part)
-                    path = adapt_path(self.model, start, b.support, ks, lr if rate is None else rate, optimizer)
-                    for k, fast in path.items():
-                        metrics, pred = self.ev.query_metrics(fast, b)
-                        self.rec.add(seed, name, shots, None if own_budget else k, part, metrics, pred, b)
+                    path_lr = lr if rate is None else rate
+                    for one, b, path in self._paths(part, start, ks, path_lr, optimizer):
+                        for k, fast in path.items():
+                            metrics, pred = self.ev.query_metrics(fast, b) if fast is not None else self.ev.diverged(b)
+                            self.rec.add(seed, name, shots, None if own_budget else k, one, metrics, pred, b)
         self.compute.append({"method": name, "seed": seed, "phase": "test adaptation + metrics",
                              "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+
+    def _paths(self, part: Sequence[dict], start: dict[str, torch.Tensor], ks: list[int], lr: Any,
+               optimizer: str) -> Iterator[tuple[Sequence[dict], TaskBatch, dict[int, Any]]]:
+        """``(tasks, batch, {k: fast weights})`` for a chunk of tasks; where adaptation diverges on a task (its
+        support loss turns non-finite), that task is isolated and its fast weights at the failing k are None."""
+        b = self.ev.batch(part)
+        try:
+            yield part, b, adapt_path(self.model, start, b.support, ks, lr, optimizer)
+            return
+        except NonFiniteLossError:
+            pass
+        if len(part) > 1:  # find the diverging task(s): adapt one task at a time
+            for one in chunks(part, 1):
+                yield from self._paths(one, start, ks, lr, optimizer)
+            return
+        path: dict[int, Any] = {}
+        for k in ks:
+            try:
+                path.update(adapt_path(self.model, start, b.support, [k], lr, optimizer))
+            except NonFiniteLossError:
+                path[k] = None
+        log.warning("task %s: adaptation diverged at k in %s (recorded as diverged)", part[0]["task_id"],
+                    [k for k, f in path.items() if f is None])
+        yield part, b, path
 
     def classical(self, seed: int) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -594,23 +647,54 @@ class Experiment:
         finally:
             torch.set_num_threads(threads)
 
+    def _cpu_s(self, method: str, seed: int, phase: str = "train") -> float:
+        return sum(c["cpu_s"] for c in self.compute if c["method"] == method and c["seed"] == seed
+                   and c["phase"] == phase)
+
+    def _adapted(self, name: str, seed: int, theta: dict[str, torch.Tensor], steps: list[int],
+                 rates: list[float]) -> None:
+        """Fine-tune ``theta`` with SGD on each test task, the rate per (K, k) chosen on val from ``rates``."""
+        chosen = self.select_rate(name, theta, rates, "sgd", steps, seed) if len(rates) > 1 else None
+        self.evaluate_path(name, seed, theta, rates[0], "sgd", steps, chosen)
+
+    def _meta_rows(self, seed: int, steps: list[int], pre: torch.nn.Module | None) -> None:
+        cfg = self.cfg
+        for name in ("maml", "maml_cold", "mamlpp", "fomaml"):
+            if name not in cfg.methods:
+                continue
+            warm = cfg.warm_start and name != "maml_cold"
+            learner = self.meta_train(seed, name, pre.state_dict() if warm else None)
+            if warm:  # the pre-training this row started from is part of its compute
+                self.compute.append({"method": name, "seed": seed, "phase": "pre-train (warm start)", "shared": True,
+                                     "wall_s": next(c["wall_s"] for c in self.compute if c["method"] == "transfer"
+                                                    and c["seed"] == seed and c["phase"] == "train"),
+                                     "cpu_s": self._cpu_s("transfer", seed)})
+            theta = _theta(learner.model)
+            if learner.rates is not None:  # learned rates: nothing to choose
+                self.evaluate_path(name, seed, theta, learner.rates, "sgd", steps)
+            else:
+                alpha = float(cfg.train.maml.inner_lr)
+                self._adapted(name, seed, theta, steps, [alpha, *sorted(set(cfg.maml_lrs) - {alpha})])
+
     def _run(self) -> dict[str, Any]:
         cfg, methods = self.cfg, self.cfg.methods
         steps = sorted(set(cfg.steps))
+        warm = cfg.warm_start and any(m in methods for m in ("maml", "mamlpp", "fomaml"))
+        need_pre = warm or bool({"transfer", "transfer_long"} & set(methods)) or (
+            "classical" in methods and self.family == "mt-en-de")
         for seed in cfg.seeds:
             log.info("=== seed %d ===", seed)
-            for name, first_order in (("maml", False), ("fomaml", True)):
-                if name in methods:
-                    learner = self.meta_train(seed, first_order)
-                    self.evaluate_path(name, seed, _theta(learner.model), _inner_lr(learner), "sgd", steps)
-            if "transfer" in methods or ("classical" in methods and self.family == "mt-en-de"):
-                pre = self.pretrain(seed)
-                theta = _theta(pre)
-                if "transfer" in methods:
-                    rates = self.select_rate("transfer", theta, list(cfg.baselines.finetune_lrs), "sgd", steps, seed)
-                    self.evaluate_path("transfer", seed, theta, None, "sgd", steps, rates)
-                if "classical" in methods and self.family == "mt-en-de":
-                    self.evaluate_path("classical", seed, theta, 0.0, "sgd", [0], own_budget=True)
+            pre = self.pretrain(seed, cfg.baselines.pretrain_steps) if need_pre else None
+            if "transfer" in methods:
+                self._adapted("transfer", seed, _theta(pre), steps, list(cfg.baselines.finetune_lrs))
+            if "classical" in methods and self.family == "mt-en-de":
+                self.evaluate_path("classical", seed, _theta(pre), 0.0, "sgd", [0], own_budget=True)
+            self._meta_rows(seed, steps, pre)
+            if "transfer_long" in methods:  # the same CPU time as Meta-LSTM's pre-training + meta-training
+                budget = self._cpu_s("maml", seed) + (self._cpu_s("transfer", seed) if cfg.warm_start else 0.0)
+                per_step = self._cpu_s("transfer", seed) / max(1, cfg.baselines.pretrain_steps)
+                long = self.pretrain(seed, max(1, math.ceil(budget / max(per_step, 1e-9))), "transfer_long")
+                self._adapted("transfer_long", seed, _theta(long), steps, list(cfg.baselines.finetune_lrs))
             if "scratch" in methods:
                 torch.manual_seed(1000 + seed)
                 init = _theta(build_model(cfg.train.model).to(cfg.device, self.dtype))
@@ -640,7 +724,15 @@ class Experiment:
 # ----------------------------------------------------------------------------- report
 
 
+def label_of(results: dict[str, Any], method: str) -> str:
+    if method == "classical":
+        return results["classical"]
+    return FAMILY_LABELS.get(results["family"], {}).get(method) or LABELS.get(method, method)
+
+
 def _fmt(cell: dict | None, digits: int = 3) -> str:
+    if cell and cell.get("mean") in (float("inf"), float("-inf")):
+        return "diverged"
     if not cell or not math.isfinite(cell.get("mean", float("nan"))):
         return "–"
     half = cell.get("ci95", float("nan"))
@@ -674,7 +766,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax = fig.add_subplot(1, 1, 1)
         xs = sorted(set(cfg["shots"])) if kind == "shots" else sorted(set(cfg["steps"]))
         for m in methods:
-            label = LABELS[m] if m != "classical" else results["classical"]
+            label = label_of(results, m)
             pts = []
             for x in xs:
                 r = (_row_for(summary, m, x, cfg["report_steps"]) if kind == "shots"
@@ -705,6 +797,20 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _model_text(m: dict[str, Any]) -> str:
+    if m["kind"] == "mlp":
+        return f"mlp (hidden {m['mlp_hidden']})"
+    extra = ""
+    if m["kind"] == "forecaster" and m.get("base_season"):
+        extra = f", a correction to seasonal naive (period {m['base_season']}), {m.get('loss', 'mse')} loss"
+    return f"{m['kind']} ({m['cell']}, hidden {m['hidden_size']}, {m['num_layers']} layer(s){extra})"
+
+
+def _alpha_grid(cfg: dict[str, Any]) -> str:
+    grid = sorted({cfg["train"]["maml"]["inner_lr"], *cfg.get("maml_lrs", [])})
+    return f" (test-time α per (K, k) from {grid} on val)" if len(grid) > 1 else ""
+
+
 def markdown_section(results: dict[str, Any], command: str, plot_paths: list[Path], md_dir: Path) -> str:
     cfg, summary = results["config"], results["summary"]
     metrics = results["metrics"]
@@ -715,8 +821,10 @@ def markdown_section(results: dict[str, Any], command: str, plot_paths: list[Pat
              f"Store `{results['store']['uri']}` (hash `{str(results['store']['content_hash'])[:12]}`), tasks used: "
              f"{results['store']['used']}. Seeds {cfg['seeds']}; K ∈ {cfg['shots']}; k ∈ {cfg['steps']}. "
              f"Meta-training: {t['schedule']['meta_steps']} meta-steps × {t['schedule']['meta_batch_size']} tasks, "
-             f"{t['maml']['inner_steps']} inner steps at α = {t['maml']['inner_lr']}, model "
-             f"{t['model']['kind']} ({t['model']['cell']}, hidden {t['model']['hidden_size']}). Transfer: "
+             f"{t['maml']['inner_steps']} inner steps at α = {t['maml']['inner_lr']}"
+             f"{_alpha_grid(cfg)}"
+             f", {'warm-started from the transfer model' if cfg.get('warm_start') else 'cold start'}; model "
+             f"{_model_text(t['model'])}. Transfer: "
              f"{b['pretrain_steps']} Adam steps × {b['pretrain_batch']} sequences, fine-tuning rate per (K, k) "
              f"from {b['finetune_lrs']} on val. Scratch: {b['scratch_steps']} Adam steps, rate from "
              f"{b['scratch_lrs']} on val. Classical: {results['classical']}.", "",
@@ -729,16 +837,16 @@ def markdown_section(results: dict[str, Any], command: str, plot_paths: list[Pat
         for k in cfg["shots"]:
             r = _row_for(summary, m, k, cfg["report_steps"])
             if r:
-                label = LABELS[m] if m != "classical" else results["classical"]
+                label = label_of(results, m)
                 lines.append(f"| {label} | {k} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     kmax = max(cfg["shots"])
     lines += ["", f"**Against inner steps, K = {kmax}**", "",
               "| method | k | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for m in ("maml", "fomaml", "transfer"):
+    for m in ADAPTED:
         for k in sorted(set(cfg["steps"])):
             r = _lookup(summary, m, kmax, k)
             if r:
-                lines.append(f"| {LABELS[m]} | {k} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+                lines.append(f"| {label_of(results, m)} | {k} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     mach = results["machine"]
     where = (f"{results.get('parallel_runs', 1)} processes in parallel, one per seed, " if
              results.get("parallel_runs", 1) > 1 else "")
@@ -751,8 +859,15 @@ def markdown_section(results: dict[str, Any], command: str, plot_paths: list[Pat
     for (m, phase), cs in comp.items():
         lines.append(f"| {m} | {phase} | {cs[0].get('budget', '')} | {cs[0].get('params', '')} | "
                      f"{np.mean([c['wall_s'] for c in cs]):.1f} | {np.mean([c['cpu_s'] for c in cs]):.1f} |")
-    total = sum(c["wall_s"] for c in results["compute"])
-    lines += ["", f"Total wall time of the measured phases: {total / 60:.1f} min.", ""]
+    total = sum(c["wall_s"] for c in results["compute"] if not c.get("shared"))
+    seeds = max(1, len(cfg["seeds"]))
+    per_method = defaultdict(float)
+    for c in results["compute"]:
+        per_method[c["method"]] += c["cpu_s"] / seeds
+    lines += ["", "CPU seconds per seed, every phase of the method (a warm start's pre-training included): "
+              + ", ".join(f"{label_of(results, m)} {v:.0f}"
+                          for m, v in per_method.items()) + ".", "",
+              f"Total wall time of the measured phases: {total / 60:.1f} min.", ""]
     for p in plot_paths:
         rel = Path(p).resolve().relative_to(md_dir.resolve()) if md_dir else Path(p).name
         lines.append(f"![{p.stem}]({rel.as_posix()})")
@@ -774,6 +889,8 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
         mean, half = p["mean"], p["ci95"] if math.isfinite(p["ci95"]) else float("inf")
         better = mean > 0 if higher else mean < 0
         word = ("wins" if better else "loses") if abs(mean) > half else "tie"
+        if math.isinf(mean):  # only lower-is-better metrics become infinite when an adaptation diverges
+            word = "loses (Meta-LSTM diverged)" if mean > 0 else "wins (the other diverged)"
         by_k[p["shots"]].append(f"vs {p['other']}: {word} (Δ{p['metric']} = {mean:+.3f} ± {half:.3f})")
     return [f"- K = {k}: Meta-LSTM " + "; ".join(parts) for k, parts in by_k.items()]
 

@@ -6,6 +6,10 @@ meta-gradients, and one flat, bucketed all-reduce adds them up. Every worker the
 task count and takes the same optimiser step, so θ stays identical everywhere without DDP (whose hooks
 never see a functional inner loop's gradients).
 
+With ``pretrain.steps > 0`` a conventional pre-training stage runs first (``pretrain_stage``): the same network
+trained with Adam on the pooled support + query sequences of each worker's training tasks, gradients all-reduced
+the same way; meta-training then starts from the pre-trained θ. Both stages checkpoint and resume.
+
 ``train_func`` reads like single-process code plus a few Ray calls; ``train`` is the driver.
 """
 
@@ -34,7 +38,9 @@ from metalstm import (
     load_checkpoint,
     save_checkpoint,
 )
+from metalstm.baselines import as_split, pooled_sequences
 from metalstm.runtime import retain_freed_memory
+from metalstm.training import pretrain_loss, pretrain_step
 from pipeline.config import TrainConfig, apply_manifest, from_dict, load_config, to_dict
 
 log = logging.getLogger("metalstm.train")
@@ -63,16 +69,22 @@ def allreduce_sum(tensors: list[torch.Tensor], bucket_bytes: int) -> None:
         offset += t.numel()
 
 
-def task_stream(shard: Any, batch_size: int, seed: int, first_epoch: int) -> Iterator[list[dict]]:
-    """This worker's tasks, ``batch_size`` at a time, epoch after epoch (a fresh seeded shuffle each).
-
-    The shard is read once: re-executing the Ray Data pipeline every epoch costs seconds on small stores.
-    """
-    from pipeline.taskstore import shard_table, task_batches
+def read_shard(shard: Any) -> Any:
+    """This worker's training tasks as one Arrow table, read once for both stages: re-executing the Ray Data
+    pipeline every epoch costs seconds on small stores."""
+    from pipeline.taskstore import shard_table
 
     table = shard_table(shard)
     if table is None:
         raise RuntimeError("this worker's training shard is empty: more workers than training tasks?")
+    return table
+
+
+def task_stream(table: Any, batch_size: int, seed: int, first_epoch: int) -> Iterator[list[dict]]:
+    """This worker's tasks (``read_shard``), ``batch_size`` at a time, epoch after epoch (a fresh seeded shuffle
+    each)."""
+    from pipeline.taskstore import task_batches
+
     epoch = first_epoch
     while True:
         yield from task_batches(table, batch_size, seed=seed, epoch=epoch)
@@ -91,6 +103,109 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def sequence_pool(table: Any) -> list[tuple[Any, Any]]:
+    """Every (x, y) sequence of this worker's training tasks, support and query: its pre-training data."""
+    from pipeline.taskstore import task_batches
+
+    return [pair for tasks in task_batches(table, 1024, seed=0, epoch=0) for pair in pooled_sequences(tasks)]
+
+
+def pretrain_batch(pool: list[tuple[Any, Any]], size: int, seed: int, rank: int, step: int) -> list[tuple[Any, Any]]:
+    """This worker's ``size`` sequences for pre-training step ``step``, drawn without replacement from its pool.
+
+    Seeded by (seed, rank, step) alone, so a resumed run draws what the interrupted one would have drawn.
+    """
+    if size < 1 or not pool:
+        return []
+    idx = np.random.default_rng([seed, rank, step]).choice(len(pool), size=min(size, len(pool)), replace=False)
+    return [pool[j] for j in idx]
+
+
+def pretrain_stage(cfg: TrainConfig, learner: MetaLearner, pool: list[tuple[Any, Any]], state: dict[str, Any], *,
+                   val_split: Any, tracker: Any, base_extra: dict[str, Any]) -> dict[str, Any]:
+    """Conventional pre-training of θ (``cfg.pretrain``), data-parallel over the workers; returns the stage state.
+
+    Every step each worker takes its share of the global ``pretrain.batch_size`` sequences from its own pool and
+    ``metalstm.training.pretrain_step`` sums the gradients over workers (``allreduce_sum``) so that the identical
+    Adam step on every worker is the step on the global minibatch. ``state`` (``step``, ``history``, ``wall_s``,
+    ``optimizer``, ``resumed_at``) comes from a resumed checkpoint or starts empty; a checkpoint marked
+    ``stage: pretrain`` is reported every ``pretrain.val_every`` steps (default ``schedule.val_every``) and after
+    the last step.
+    """
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    p, model = cfg.pretrain, learner.model
+    device, dtype = next(model.parameters()).device, getattr(torch, cfg.dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+    if state.get("optimizer"):
+        optimizer.load_state_dict(state["optimizer"])
+    step, history, wall = int(state.get("step", 0)), list(state.get("history", [])), float(state.get("wall_s", 0.0))
+    local = split_sizes(p.batch_size, world)[rank]
+    bucket_bytes = int(cfg.scaling.bucket_mb * 2**20)
+    val_every = p.val_every or cfg.schedule.val_every
+    log.info("rank %d: pre-training from step %d to %d, %d of %d sequences a step from a pool of %d", rank, step,
+             p.steps, local, p.batch_size, len(pool))
+    window = {"loss": 0.0, "steps": 0, "targets": 0.0, "time": 0.0}
+    while step < p.steps:
+        t0 = time.perf_counter()
+        pairs = pretrain_batch(pool, local, cfg.schedule.seed, rank, step)
+        split = as_split(pairs).to(device, dtype) if pairs else None
+        out = pretrain_step(model, split, optimizer, grad_clip=cfg.optim.grad_clip, step=step + 1,
+                            all_reduce=(lambda ts: allreduce_sum(ts, bucket_bytes)) if world > 1 else None)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        wall += elapsed
+        window = {"loss": window["loss"] + out["loss"], "steps": window["steps"] + 1,
+                  "targets": window["targets"] + out["targets"], "time": window["time"] + elapsed}
+        last = step == p.steps
+        if rank == 0 and (step % cfg.schedule.log_every == 0 or last):
+            row = {"step": step, "loss": window["loss"] / window["steps"],
+                   "targets_per_s": window["targets"] / max(window["time"], 1e-9)}
+            window = {k: 0 for k in window}
+            history.append(row)
+            log.info("pretrain step %d/%d  loss %.4f  %.0f targets/s", step, p.steps, row["loss"],
+                     row["targets_per_s"])
+            if tracker:
+                tracker.log_metrics({f"pretrain/{k}": v for k, v in row.items() if k != "step"}, step)
+        if (val_every and step % val_every == 0) or last:
+            metrics: dict[str, Any] = {"pretrain/step": step}
+            extra = None
+            if rank == 0:
+                row = history[-1] if history and history[-1]["step"] == step else {}
+                if row:
+                    metrics["pretrain/loss"] = row["loss"]
+                if val_split is not None:
+                    with torch.no_grad():
+                        metrics["pretrain/val_loss"] = float(pretrain_loss(model, val_split))
+                    row["val_loss"] = metrics["pretrain/val_loss"]
+                    log.info("pretrain step %d validation: loss %.4f", step, metrics["pretrain/val_loss"])
+                    if tracker:
+                        tracker.log_metrics({"pretrain/val_loss": metrics["pretrain/val_loss"]}, step)
+                stage = {**state, "step": step, "history": history, "wall_s": wall, "optimizer": optimizer.state_dict()}
+                extra = {**base_extra, "stage": "pretrain", "pretrain": stage, "rng": _rng_state()}
+            _report(learner, cfg, metrics, extra, f"pretrain-{step:07d}")
+    if rank == 0 and p.steps:
+        log.info("pre-training done: %d steps, %.1f s; meta-training starts from the pre-trained θ", step, wall)
+    return {**{k: v for k, v in state.items() if k != "optimizer"}, "step": step, "history": history, "wall_s": wall}
+
+
+def _report(learner: MetaLearner, cfg: TrainConfig, metrics: dict[str, Any], extra: dict[str, Any] | None,
+            dir_name: str) -> None:
+    """``ray.train.report`` on every worker; the one passing ``extra`` (rank 0) attaches a checkpoint of θ."""
+    import ray.train
+
+    checkpoint_dir = None
+    if extra is not None:
+        checkpoint_dir = tempfile.mkdtemp(prefix="metalstm-ckpt-")
+        save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, learner, cfg.model, extra)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                     if checkpoint_dir else None, checkpoint_dir_name=dir_name)
+    if checkpoint_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -119,17 +234,26 @@ def train_func(config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, history, best = 0, [], {"val_loss": float("inf"), "step": -1}
     curves: dict[str, list[float]] = {}  # query loss against inner step, before and after meta-training
+    pretrained: dict[str, Any] = {}  # the pre-training stage's state: step, history, wall_s (+ optimizer mid-stage)
+    stage = "pretrain"  # the stage to run from: pretrain (skipped when pretrain.steps = 0) or meta
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: after a worker failure or a driver restart with the same name
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
         learner.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["extra"]["optimizer"])
-        step, history, best = state["extra"]["step"], state["extra"]["history"], state["extra"]["best"]
-        curves = state["extra"].get("curves", {})
-        _set_rng_state(state["extra"]["rng"])
-        log.info("rank %d: resumed from step %d", rank, step)
+        pretrained = state["extra"].get("pretrain", {})
+        if state["extra"].get("stage") == "pretrain":  # stopped mid pre-training: continue it, meta-train fresh
+            _set_rng_state(state["extra"]["rng"])
+            pretrained["resumed_at"] = [*pretrained.get("resumed_at", []), pretrained["step"]]
+            log.info("rank %d: resumed pre-training from step %d", rank, pretrained["step"])
+        else:  # meta-training had started: pre-training (if any) is done and never repeated
+            stage = "meta"
+            optimizer.load_state_dict(state["extra"]["optimizer"])
+            step, history, best = state["extra"]["step"], state["extra"]["history"], state["extra"]["best"]
+            curves = state["extra"].get("curves", {})
+            _set_rng_state(state["extra"]["rng"])
+            log.info("rank %d: resumed from step %d", rank, step)
     elif cfg.checkpoint.warm_start:
         warm, _ = learner_from_checkpoint(load_checkpoint(cfg.checkpoint.warm_start))
         learner.model.load_state_dict(warm.model.state_dict())
@@ -139,14 +263,10 @@ def train_func(config: dict[str, Any]) -> None:
         for p in params:
             dist.broadcast(p.data, src=0)
 
-    local_batch = split_sizes(cfg.schedule.meta_batch_size, world)[rank]
-    stream = task_stream(ray.train.get_dataset_shard("train"), max(local_batch, 1), cfg.schedule.seed + rank,
-                         first_epoch=step)
+    table = read_shard(ray.train.get_dataset_shard("train"))
     val_tasks: list[dict] = []
     if rank == 0 and cfg.schedule.val_tasks > 0:
         val_tasks = _take(ray.train.get_dataset_shard("val"), cfg.schedule.val_tasks)
-        if step == 0:
-            curves["before"] = adaptation_curve(learner, val_tasks)
 
     tracker = None
     if rank == 0 and config.get("tracking"):
@@ -155,6 +275,19 @@ def train_func(config: dict[str, Any]) -> None:
         t = config["tracking"]
         tracker = Tracker(t["uri"], t["experiment"], run_name=cfg.name, run_id=t["run_id"])
         tracker.start(config["train"], t["tags"])
+
+    if stage == "pretrain" and cfg.pretrain.steps > int(pretrained.get("step", 0)):
+        val_split = as_split(pooled_sequences(val_tasks)).to(device, dtype) if val_tasks else None
+        base_extra = {"step": 0, "history": [], "best": best, "config": config["train"], "store": config["store"],
+                      "curves": {}, "batch_task_ids": [], "val_loss": float("nan")}
+        pretrained = pretrain_stage(cfg, learner, sequence_pool(table), pretrained, val_split=val_split,
+                                    tracker=tracker, base_extra=base_extra)
+    pretrained.pop("optimizer", None)  # meta-training has its own optimiser, fresh
+    if val_tasks and step == 0:
+        curves["before"] = adaptation_curve(learner, val_tasks)  # before meta-training: after any pre-training
+
+    local_batch = split_sizes(cfg.schedule.meta_batch_size, world)[rank]
+    stream = task_stream(table, max(local_batch, 1), cfg.schedule.seed + rank, first_epoch=step)
 
     bucket_bytes = int(cfg.scaling.bucket_mb * 2**20)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # query-loss sum, support-loss sum, task count
@@ -234,7 +367,8 @@ def train_func(config: dict[str, Any]) -> None:
                 checkpoint_dir = tempfile.mkdtemp(prefix="metalstm-ckpt-")
                 extra = {"optimizer": optimizer.state_dict(), "step": step, "history": history, "best": best,
                          "rng": _rng_state(), "config": config["train"], "store": config["store"], "curves": curves,
-                         "batch_task_ids": ids, "val_loss": metrics.get("val_loss", float("nan"))}
+                         "batch_task_ids": ids, "val_loss": metrics.get("val_loss", float("nan")),
+                         "stage": "meta", "pretrain": pretrained}
                 is_best = metrics.get("val_loss", float("inf")) < best["val_loss"]
                 if is_best:  # ``extra["best"]`` is this same dict
                     best.update(val_loss=metrics["val_loss"], step=step)
@@ -375,6 +509,9 @@ def train(cfg: TrainConfig) -> Any:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    if cfg.pretrain.steps:
+        log.info("pre-training %s first: %d Adam steps of %d sequences", cfg.name, cfg.pretrain.steps,
+                 cfg.pretrain.batch_size)
     log.info("meta-training %s: %d workers, %d meta-steps of %d tasks, store %s", cfg.name,
              cfg.scaling.num_workers, cfg.schedule.meta_steps, cfg.schedule.meta_batch_size, store_uri)
     return trainer.fit()

@@ -19,6 +19,7 @@ from metalstm.models import CharLM, Forecaster, Seq2Seq
 from metalstm.series import (
     adaptation_task,
     calendar_covariates,
+    common_dips,
     finite_runs,
     forecast_input,
     interpolate_gaps,
@@ -27,7 +28,13 @@ from metalstm.series import (
     unscale,
 )
 from metalstm.vocab import Vocab, tokenize_chars, tokenize_words
-from pipeline.builders.electricity import ElectricityBuild, assign_splits, detect_layout, electricity_tasks
+from pipeline.builders.electricity import (
+    ElectricityBuild,
+    assign_splits,
+    detect_layout,
+    electricity_tasks,
+    uci_history_episodes,
+)
 from pipeline.builders.mt import MTBuild, find_domains
 from pipeline.builders.ptb import PTBBuild, ptb_tasks, read_texts
 from pipeline.cli import main as cli_main
@@ -88,13 +95,19 @@ def test_vocab_roundtrip_and_tokenizers():
 # --------------------------------------------------------------------------------------------- electricity
 
 
-def write_uci(folder: Path, clients: int = 10) -> Path:
-    """A TAGI-style UCI folder: 144 + 24 + 168 hours; client c's value at hour t is 1000 (c + 1) + t."""
+def write_uci(folder: Path, clients: int = 10, zeros: tuple[tuple[int, int | None], ...] = ()) -> Path:
+    """A TAGI-style UCI folder: 144 + 24 + 168 hours; client c's value at hour t is 1000 (c + 1) + t.
+
+    ``zeros``: (hour, client) readings set to 0, client None = every client (a daylight-saving artefact).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     start = 0
     for part, n in (("train", 144), ("val", 24), ("test", 168)):
         t = np.arange(start, start + n)
         m = (1000.0 * (np.arange(clients) + 1))[None, :] + t[:, None]
+        for hour, client in zeros:
+            if start <= hour < start + n:
+                m[hour - start, slice(None) if client is None else client] = 0.0
         np.savetxt(folder / f"elec_{part}.csv", m, delimiter=",", fmt="%.6f")
         (folder / f"elec_{part}_datetime.csv").write_text(
             "\n".join(str(T0 + int(i) * HOUR).replace("T", " ") for i in t) + "\n")
@@ -239,6 +252,105 @@ def test_electricity_bad_sources(tmp_path):
         ElectricityBuild(bad, layout="csv-wide", timestamp_column="when")
     with pytest.raises(ValueError, match="window: 200 steps exceed"):
         ElectricityBuild(write_uci(tmp_path / "uci", clients=3), window=200)
+
+
+DST = "2014-03-30T01:00:00"  # hour 145 of the UCI fixture: the clock change
+
+
+def test_common_dips_detects_collapses_not_outages():
+    m = 100.0 + np.arange(40)[:, None] * np.ones((1, 20))
+    m[10] = 0.0  # every series reads 0: an artefact
+    m[20] *= 0.3  # every series reads ~30 % of its neighbours (UCI's real DST hour): an artefact
+    m[30, :18] = 0.0  # 90 % of the series: not enough
+    m[5:7] = 0.0  # two steps: an outage, neither step has two positive neighbours
+    m[25, 0], m[26, :] = 0.0, np.nan  # one absent step: its neighbours are not both known
+    assert common_dips(m).tolist() == [10, 20]
+    assert common_dips(m[:, :2]).tolist() == []  # too few series to tell an artefact from a dip
+
+
+def test_uci_dst_artefact_masked_and_interpolated(tmp_path):
+    src = write_uci(tmp_path / "uci", zeros=((145, None), (50, 0)))
+    b = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2)
+    assert b.settings["dst_masked_steps"] == 1 and b.settings["dst_masked_at"] == [DST]
+    for t in b.tasks():
+        base = 1000.0 * int(t["entity"][3:])
+        if t["split"] != "test":  # the Sunday query: hour 145 interpolated from 144 and 146, no fake dip
+            assert hours_of(t["query_y"][0], t["scale"], base).tolist() == list(range(144, 168))
+        else:
+            assert hours_of(t["query_x"][0], t["scale"], base).tolist() == list(range(96, 168))
+        if t["entity"] == "MT_001":  # one client's zero is a real reading, not an artefact: kept
+            assert min(float(x[:, 0].min()) for x in t["support_x"]) == 0.0
+    kept = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2, mask_dst=False)
+    assert kept.settings["dst_masked_steps"] == 0 and kept.settings["mask_dst"] is False
+    task = next(t for t in kept.tasks() if t["split"] == "train")
+    assert task["query_y"][0][1] == 0.0  # 01:00 on the Sunday reads 0 when the artefact is kept
+    assert ElectricityBuild(write_gefcom(tmp_path / "gef"), **SMALL).settings["mask_dst"] is False
+
+
+def test_uci_history_episodes(tmp_path):
+    src = write_uci(tmp_path / "uci")
+    old = list(ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2).tasks())
+    b = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2, history_episodes=5)  # only 3 fit
+    assert b.history_episodes == 3 == uci_history_episodes(168, window=72, horizon=24, query_windows=1)
+    new = list(b.tasks())
+    ids = [t["task_id"] for t in new]
+    assert len(ids) == len(set(ids)) == 3 * 7 + 3  # 7 train/val clients x 3 episodes + 3 test clients
+    support = {"2014-03-28T00:00:00": 1, "2014-03-29T00:00:00": 3, "2014-03-30T00:00:00": 5}  # Fri, Sat, Sun
+    for entity in {t["entity"] for t in new if t["split"] != "test"}:
+        tasks = [t for t in new if t["entity"] == entity]
+        assert {t["forecast_start"]: len(t["support_x"]) for t in tasks} == support
+        base = 1000.0 * int(entity[3:])
+        for t in tasks:
+            first = int((np.datetime64(t["forecast_start"]) - T0) // HOUR)
+            assert hours_of(t["query_y"][0], t["scale"], base).tolist() == list(range(first, first + 24))
+            assert max(hours_of(y, t["scale"], base).max() for y in t["support_y"]) == first - 1
+            assert t["scale"] == pytest.approx(base + (first - 1) / 2)  # fitted on the history before the query
+    old_test, new_test = [t for t in old if t["split"] == "test"], [t for t in new if t["split"] == "test"]
+    assert [t["task_id"] for t in old_test] == [t["task_id"] for t in new_test]
+    for a, c in zip(old_test, new_test):
+        assert (a["offset"], a["scale"]) == (c["offset"], c["scale"])
+        for k in ("support_x", "support_y", "query_x", "query_y"):
+            assert all(np.array_equal(p, q) for p, q in zip(a[k], c[k]))
+    with pytest.raises(ValueError, match="history_episodes: only for the uci layout"):
+        ElectricityBuild(write_gefcom(tmp_path / "gef"), history_episodes=2, **SMALL)
+
+
+def test_extra_train_source(tmp_path):
+    uci, gef = write_uci(tmp_path / "uci"), write_gefcom(tmp_path / "gef")
+    opts = {"test_fraction": 0.3, "val_fraction": 0.2}
+    b = ElectricityBuild(uci, extra_train_source=gef, extra_max_tasks=10, **opts)
+    assert b.settings["extra_train"]["tasks"] == 10 and b.settings["extra_train"]["episode_stride"] == 120
+    tasks = list(b.tasks())
+    extra = [t for t in tasks if t["entity"].startswith("gefcom:")]
+    assert len(extra) == 10 and {t["split"] for t in extra} == {"train"}  # each zone's latest 3, capped at 10
+    assert [sum(t["entity"] == f"gefcom:zone_{z}" for t in extra) for z in (1, 2, 3, 4)] == [3, 3, 3, 1]
+    assert all(t["task_id"].startswith(t["entity"] + "@") for t in extra)
+    assert len({t["task_id"] for t in tasks}) == len(tasks)
+    uci_task = next(t for t in tasks if t["split"] == "train" and t["entity"].startswith("MT_"))
+    weekdays = set()
+    for t in extra:
+        assert len(t["support_x"]) == 5 and len(t["query_y"]) == 1  # the UCI layout's 5 windows, 1 query day
+        assert t["support_x"][0].shape == uci_task["support_x"][0].shape == (72, 5)
+        base = 10000.0 * int(t["entity"].split("_")[1])
+        first = hours_of(t["query_y"][0], t["scale"], base)[0]
+        assert max(hours_of(y, t["scale"], base).max() for y in t["support_y"]) < first
+        weekdays.add(np.datetime64(t["forecast_start"], "D").astype(int) % 7)
+    assert len(weekdays) == 3  # episodes 5 days apart: the query weekday rotates
+    plain = list(ElectricityBuild(uci, **opts).tasks())
+    assert [t["task_id"] for t in plain] == [t["task_id"] for t in tasks if not t["entity"].startswith("gefcom:")]
+    out = tmp_path / "store"
+    assert cli_main(["tasks", "build", "electricity", "--out", str(out), "--source", str(uci), "--test-fraction",
+                     "0.3", "--val-fraction", "0.2", "--extra-train-source", str(gef), "--extra-max-tasks", "4"]) == 0
+    m = read_manifest(str(out))
+    assert m["counts"] == {"train": 5 + 4, "val": 2, "test": 3} and m["builder"]["extra_train"]["tasks"] == 4
+    stamps, values = wide_frame(3, 400, freq_min=30)
+    wide = tmp_path / "wide.csv"
+    wide.write_text("\n".join(["time,a,b,c"] + [f"{s}," + ",".join(f"{v:g}" for v in r)
+                                                for s, r in zip(stamps, values)]) + "\n")
+    with pytest.raises(ValueError, match=r"frequency 30min, the main source .* has 1h"):
+        ElectricityBuild(uci, extra_train_source=wide, **opts)
+    with pytest.raises(ValueError, match="extra_train_layout: expected one of"):
+        ElectricityBuild(uci, extra_train_source=uci, **opts)
 
 
 # --------------------------------------------------------------------------------------------- ptb-char
@@ -420,6 +532,26 @@ def test_real_gefcom_small_store(tmp_path):
     tasks = read_tasks(str(out), "test")
     batch = collate(tasks)
     assert tuple(batch.support.x.shape) == (3, 8, 168, 5) and torch.isfinite(batch.query.y).all()
+
+
+@needs_data
+def test_real_uci_history_episodes_and_gefcom_extra(tmp_path):
+    out = tmp_path / "elec"
+    src, gef = DATA / "electricity" / "uci_electricity_2014_03_31_tagi", DATA / "electricity" / "gefcom2012_load"
+    assert cli_main(["tasks", "build", "electricity", "--out", str(out), "--source", str(src), "--layout", "uci",
+                     "--history-episodes", "3", "--extra-train-source", str(gef), "--extra-max-tasks", "140"]) == 0
+    m = read_manifest(str(out))
+    assert m["counts"] == {"train": 259 * 3 + 140, "val": 37 * 3, "test": 74}
+    assert m["builder"]["dst_masked_at"] == [DST] and m["builder"]["extra_train"]["tasks"] == 140
+    train = read_tasks(str(out), "train")
+    weekday = {t["task_id"]: int(np.datetime64(t["forecast_start"], "D").astype(int) + 3) % 7 for t in train}
+    uci_days = {weekday[t["task_id"]] for t in train if t["entity"].startswith("MT_")}
+    assert uci_days == {4, 5, 6}  # Fri, Sat, Sun (Monday = 0)
+    assert set(weekday.values()) == set(range(7))  # GEFCom's episodes 5 days apart fill in Mon-Thu
+    sunday = [unscale(t["query_y"][0], t["offset"], t["scale"]) for t in train
+              if t["forecast_start"] == "2014-03-30T00:00:00"]
+    dips = [y[1] < 0.5 * min(y[0], y[2]) for y in sunday if min(y[0], y[2]) > 0]
+    assert len(sunday) == 259 and sum(dips) < 0.05 * len(dips)  # the clock-change hour no longer collapses
 
 
 @needs_data

@@ -113,7 +113,8 @@ def tiny_run(tmp_path_factory):
     build_synthetic(store, tasks_per_split=12, shots=4, queries=2, window=8, horizon=4, seed=3)
     (root / "results.md").write_text("# Results\n\nHand-written introduction.\n")
     cfg = load_experiment_config(Path(__file__).resolve().parents[1] / "configs" / "experiment_sinusoid.yaml", [
-        *TINY, f"store.uri={store}", "methods=[maml,fomaml,transfer,scratch,classical]",
+        *TINY, f"store.uri={store}", "maml_lrs=[0.01,0.3]",
+        "methods=[maml,maml_cold,mamlpp,fomaml,transfer,transfer_long,scratch,classical]",
         f"report.dir={root / 'results'}", f"report.markdown={root / 'results.md'}",
         f"train.tracking.uri=sqlite:///{root / 'mlflow.db'}", "train.tracking.experiment=exp-test"])
     exp = Experiment(cfg)
@@ -131,7 +132,7 @@ def _cell(results, method, shots, steps, metric="mse"):
 
 def test_every_method_shot_and_step_is_measured_over_tasks_and_seeds(tiny_run):
     res = tiny_run["results"]
-    for method in ("maml", "fomaml", "transfer"):
+    for method in ("maml", "maml_cold", "mamlpp", "fomaml", "transfer", "transfer_long"):
         for shots in (1, 3):
             for steps in (0, 1, 3):
                 cell = _cell(res, method, shots, steps)
@@ -147,7 +148,25 @@ def test_every_method_shot_and_step_is_measured_over_tasks_and_seeds(tiny_run):
     chosen = [s for s in res["selected"] if s["method"] == "transfer"]
     assert len(chosen) == 2 * 2 * 3 and all(s["lr"] in (0.01, 0.1) for s in chosen)
     trained = {(c["method"], c["seed"]) for c in res["compute"] if c["phase"] == "train"}
-    assert trained == {(m, s) for m in ("maml", "fomaml", "transfer") for s in (0, 1)}
+    adapted = ("maml", "maml_cold", "mamlpp", "fomaml", "transfer", "transfer_long")
+    assert trained == {(m, s) for m in adapted for s in (0, 1)}
+
+
+def test_meta_rows_start_warm_and_choose_their_rate_on_val(tiny_run):
+    res = tiny_run["results"]
+    # warm-started rows carry the transfer model's pre-training in their compute; the cold row does not
+    warm = {(c["method"], c["seed"]) for c in res["compute"] if c["phase"] == "pre-train (warm start)"}
+    assert warm == {(m, s) for m in ("maml", "mamlpp", "fomaml") for s in (0, 1)}
+    # a warm start is validated before its first meta-step (selection may keep it); a cold start is not
+    assert res["curves"]["maml-seed0"][0]["step"] == 0 and "val" in res["curves"]["maml-seed0"][0]
+    assert res["curves"]["maml_cold-seed0"][0]["step"] == 1
+    # k = 0 of a warm row that selection kept at step 0 would equal transfer's k = 0; at least θ is shared input
+    chosen = [s for s in res["selected"] if s["method"] == "maml"]
+    assert len(chosen) == 2 * 2 * 3 and {s["lr"] for s in chosen} <= {0.01, 0.3, 0.05}
+    assert not [s for s in res["selected"] if s["method"] == "mamlpp"]  # learned rates: nothing chosen
+    # transfer_long got as much CPU as Meta-LSTM's pre-training + meta-training: more Adam steps than transfer
+    budgets = {c["method"]: c["budget"] for c in res["compute"] if c["phase"] == "train" and c["seed"] == 0}
+    assert int(budgets["transfer_long"].split()[0]) > int(budgets["transfer"].split()[0])
 
 
 def test_report_plots_and_markdown_block(tiny_run):

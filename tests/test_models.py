@@ -136,6 +136,49 @@ def test_forecaster_metrics():
     torch.testing.assert_close(metrics["nd"], want_nd)
 
 
+def test_forecaster_on_a_seasonal_naive_base_starts_as_the_baseline_and_learns_a_correction():
+    from metalstm.models import seasonal_naive
+
+    torch.manual_seed(0)
+    model = Forecaster(1, 4, 1, 3, base_season=2, loss="l1")
+    x = torch.randn(2, 3, 6, 1)
+    mask = torch.ones(2, 3, 6)
+    mask[1, 2] = 0  # a padding row (a task with fewer windows) must not trip the season check
+    split = Split(x, torch.randn(2, 3, 3), mask, mask[..., :3].clone())
+    params = {n: p.clone().requires_grad_(True) for n, p in batched(model, 2).items()}
+    torch.testing.assert_close(model(params, x, mask), seasonal_naive(x, mask, 3, 2))  # zero head: the baseline
+    loss = model.task_loss(params, split)
+    want = ((model(params, x, mask) - split.y).abs() * split.y_mask).sum((1, 2)) / split.y_mask.sum((1, 2))
+    torch.testing.assert_close(loss, want)
+    grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)  # the correction head learns
+    built = build_model(ModelConfig(kind="forecaster", input_size=1, hidden_size=4, horizon=3, base_season=2,
+                                    loss="l1"))
+    assert built.base_season == 2 and built.loss == "l1"
+    with pytest.raises(ValueError, match="model.base_season"):
+        Forecaster(1, 4, 1, 3, base_season=-1)
+    with pytest.raises(ValueError, match="model.loss"):
+        Forecaster(1, 4, 1, 3, loss="huber")
+    with pytest.raises(ValueError, match="season"):
+        model(params, x[..., :1, :], mask[..., :1])  # one input step cannot hold a season of 2
+
+
+def test_fit_can_validate_the_starting_state_and_keep_it():
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    vals = iter([0.5, 1.0, 2.0])
+
+    def step(i: int) -> dict:
+        with torch.no_grad():
+            model.weight.fill_(float(i))
+        return {"loss": float(i)}
+
+    out = fit(model, step, 2, validate=lambda: next(vals), val_every=1, validate_start=True)
+    assert out["history"][0] == {"step": 0, "val": 0.5} and out["best_val"] == 0.5
+    assert float(model.weight) == 7.0  # no step beat the warm start on val: it is kept
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 

@@ -326,6 +326,22 @@ def test_weights_in_any_layout_are_left_unchanged(shared):
         torch.testing.assert_close(out[t], ref(x[t])[0], rtol=1e-12, atol=1e-12)
 
 
+def test_bias_gradients_are_two_tensors_so_clipping_scales_each_once():
+    """Both biases get the same gradient; stored as one tensor, an in-place clip would scale it twice."""
+    torch.manual_seed(0)
+    model = RNN("lstm", 2, 3)
+    x = torch.randn(1, 4, 5, 2)
+    out, _ = model(batched(model, 1), x)
+    out.pow(2).sum().backward()
+    b_ih, b_hh = model.bias_ih_l0.grad, model.bias_hh_l0.grad
+    torch.testing.assert_close(b_ih, b_hh)
+    assert b_ih.data_ptr() != b_hh.data_ptr()
+    before = b_ih.clone()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    torch.testing.assert_close(model.bias_ih_l0.grad, before * (1e-3 / (total + 1e-6)))
+    torch.testing.assert_close(model.bias_hh_l0.grad, model.bias_ih_l0.grad)
+
+
 def test_bad_cell_name():
     with pytest.raises(ValueError, match="cell"):
         RNN("rnn", 2, 3)

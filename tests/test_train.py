@@ -102,17 +102,32 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
-def _wait_for_checkpoint(root: Path, timeout: float = 300.0, log_file: Path | None = None) -> None:
+def _wait_for_checkpoint(root: Path, timeout: float = 300.0, log_file: Path | None = None,
+                         marker: str = "step-") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         # a checkpoint counts once Ray Train's snapshot (what a restarted run restores from) names it
         snapshot = root / "checkpoint_manager_snapshot.json"
-        if snapshot.exists() and "step-" in snapshot.read_text(errors="ignore"):
+        if snapshot.exists() and marker in snapshot.read_text(errors="ignore"):
             return
         time.sleep(0.2)
     output = log_file.read_text()[-3000:] if log_file else ""
     raise TimeoutError(f"no checkpoint under {root} after {timeout}s\n{output}")
 
+
+
+def _train_killing_a_worker(cfg, run_dir: Path, marker: str = "step-") -> dict:
+    """Run ``train(cfg)``, SIGKILL a Train worker after its first checkpoint, and return the final checkpoint."""
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)))
+    thread.start()
+    _wait_for_checkpoint(run_dir, marker=marker)
+    victims = _train_workers()
+    assert victims, "no Ray Train worker process found to kill"
+    victims[-1].send_signal(signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    return _final(outcome["result"])
 
 def test_killed_worker_recovers_to_the_same_parameters(ray_cluster, store, tmp_path):
     """SIGKILL a worker mid-run: Ray Train restarts the group from the last checkpoint and finishes exactly."""
@@ -122,16 +137,7 @@ def test_killed_worker_recovers_to_the_same_parameters(ray_cluster, store, tmp_p
     reference = _final(train(_config(store, tmp_path, name="uninterrupted", **common)))
 
     cfg = _config(store, tmp_path, name="interrupted", **{**common, "scaling.max_failures": 2})
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)))
-    thread.start()
-    _wait_for_checkpoint(tmp_path / "runs" / "interrupted")
-    victims = _train_workers()
-    assert victims, "no Ray Train worker process found to kill"
-    victims[-1].send_signal(signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive()
-    final = _final(outcome["result"])
+    final = _train_killing_a_worker(cfg, tmp_path / "runs" / "interrupted")
     assert final["extra"]["step"] == 150
     for key, value in reference["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][key], value, rtol=1e-6, atol=1e-9)
@@ -172,7 +178,9 @@ def test_bad_config_fails_before_ray(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [("optim.lr=-1", "optim.lr"), ("scaling.num_workers=0",
-                                           "scaling.num_workers"), ("model.cell=rnn", "model.cell")])
+                                           "scaling.num_workers"), ("model.cell=rnn", "model.cell"),
+                                           ("model.loss=huber", "model.loss"),
+                                           ("model.base_season=-1", "model.base_season")])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(None, [override])
@@ -199,3 +207,170 @@ def test_warm_start_initialises_theta(ray_cluster, store, tmp_path):
     final = _final(train(cfg))
     for name, value in donor.state_dict().items():
         torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- pre-train, then meta-train
+
+
+def test_pretrain_step_data_parallel_equals_one_process(store):
+    """Three "workers" (threads: 4, 3 and no sequences) summing with an all-reduce take one process's step."""
+    import copy
+
+    from metalstm.baselines import as_split, pooled_sequences
+    from metalstm.models import batched
+    from metalstm.training import pretrain_step
+    from pipeline.taskstore import read_manifest, read_tasks
+
+    cfg = load_config(None, [f"data.store={store}", "model.hidden_size=8"])
+    apply_manifest(cfg, read_manifest(store))
+    torch.manual_seed(0)
+    base = build_model(cfg.model).double()
+    pool = pooled_sequences(read_tasks(store, "train"))[:7]
+    parts = [pool[:4], pool[4:], []]
+
+    # one process: exactly metalstm.baselines.pretrain's step (task_loss on the pool as ONE task, clip, Adam)
+    ref = copy.deepcopy(base)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    loss = ref.task_loss(batched(ref, 1), as_split(pool).to("cpu", torch.float64)).sum()
+    loss.backward()
+    for p in ref.parameters():  # a fresh backward can hand bias_ih and bias_hh ONE shared grad tensor, which an
+        p.grad = p.grad.clone()  # in-place clip would then scale twice
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    ref_opt.step()
+
+    barrier, posted, outs, models = threading.Barrier(3), [None] * 3, [None] * 3, [copy.deepcopy(base) for _ in parts]
+
+    def worker(rank: int) -> None:
+        def all_reduce(tensors):
+            posted[rank] = [t.clone() for t in tensors]
+            barrier.wait()
+            for i, t in enumerate(tensors):
+                t.copy_(sum(p[i] for p in posted))
+            barrier.wait()
+
+        split = as_split(parts[rank]).to("cpu", torch.float64) if parts[rank] else None
+        opt = torch.optim.Adam(models[rank].parameters(), lr=0.01)
+        outs[rank] = pretrain_step(models[rank], split, opt, grad_clip=0.05, all_reduce=all_reduce)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for rank, model in enumerate(models):
+        assert outs[rank]["loss"] == pytest.approx(loss.item(), rel=1e-12)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=lambda m, r=rank, n=name: f"{r} {n}: {m}")
+    assert any((p - q).abs().max() > 1e-4 for p, q in zip(ref.parameters(), base.parameters()))  # it did move
+
+
+def test_pretrain_step_raises_on_non_finite_loss(store):
+    from metalstm import NonFiniteLossError
+    from metalstm.baselines import as_split, pooled_sequences
+    from metalstm.training import pretrain_step
+    from pipeline.taskstore import read_manifest, read_tasks
+
+    cfg = load_config(None, [f"data.store={store}", "model.hidden_size=8"])
+    apply_manifest(cfg, read_manifest(store))
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    split = as_split(pooled_sequences(read_tasks(store, "train"))[:3])
+    with pytest.raises(NonFiniteLossError, match="pretrain step 7"):
+        pretrain_step(model, split, torch.optim.Adam(model.parameters()), step=7)
+
+
+def _checkpoint_at(tmp_path: Path, name: str, dir_name: str) -> dict:
+    return load_checkpoint(tmp_path / "runs" / name / dir_name / CHECKPOINT_FILE)
+
+
+def test_pretrain_then_meta_train(ray_cluster, store, tmp_path):
+    """2 workers pre-train (loss falls, checkpoints marked stage pretrain), then meta-train from that θ; running
+    the finished run again with more meta-steps resumes meta-training and never repeats pre-training."""
+    from pipeline.taskstore import read_manifest
+
+    common = {"pretrain.steps": 30, "pretrain.batch_size": 16, "pretrain.lr": 0.02, "pretrain.val_every": 15,
+              "schedule.val_tasks": 2, "schedule.meta_batch_size": 2, "scaling.num_workers": 2, "optim.lr": 1e-12}
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _config(store, tmp_path, name="pretrained", **{**common, "schedule.meta_steps": 1,
+                                                         "tracking.enabled": "true", "tracking.uri": tracking_uri,
+                                                         "tracking.experiment": "pretrain-test"})
+    final = _final(train(cfg))
+    extra, pre = final["extra"], final["extra"]["pretrain"]
+    assert extra["stage"] == "meta" and extra["step"] == 1 and pre["step"] == 30 and "optimizer" not in pre
+    losses = [row["loss"] for row in pre["history"]]
+    assert [row["step"] for row in pre["history"]] == list(range(1, 31))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert [row["step"] for row in pre["history"] if "val_loss" in row] == [15, 30]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("pretrain-test").experiment_id])[0]
+    logged = client.get_metric_history(run.info.run_id, "pretrain/loss")
+    assert sorted(m.step for m in logged) == list(range(1, 31))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/val_loss")] in ([15, 30], [30, 15])
+
+    mid, end = _checkpoint_at(tmp_path, "pretrained", "pretrain-0000015"), \
+        _checkpoint_at(tmp_path, "pretrained", "pretrain-0000030")
+    assert mid["extra"]["stage"] == end["extra"]["stage"] == "pretrain"
+    assert end["extra"]["pretrain"]["optimizer"]["state"][0]["step"] == 30  # pre-training's own Adam
+    assert final["extra"]["optimizer"]["state"][0]["step"] == 1  # a fresh meta optimiser
+    apply_manifest(cfg, read_manifest(store))
+    torch.manual_seed(cfg.schedule.seed)
+    cold = MetaLearner(build_model(cfg.model), cfg.maml).double().state_dict()
+    for name, value in end["state_dict"].items():  # meta-training (a 1e-12 step) started from the pre-trained θ
+        torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=1e-9)
+    assert max(float((end["state_dict"][n] - v).abs().max()) for n, v in cold.items()) > 1e-2
+
+    again = _final(train(_config(store, tmp_path, name="pretrained", **{**common, "schedule.meta_steps": 3})))
+    assert again["extra"]["step"] == 3
+    assert again["extra"]["pretrain"] == pre  # the same stage record: not re-run, not resumed
+    assert again["extra"]["optimizer"]["state"][0]["step"] == 3  # meta optimiser continued from its checkpoint
+
+
+def test_killed_worker_resumes_pretraining(ray_cluster, store, tmp_path):
+    """SIGKILL the worker mid pre-training: the restarted group continues from the last pre-training checkpoint
+    (not from step 0) and ends exactly where one process pre-training on the same draws does."""
+    from metalstm.baselines import as_split
+    from metalstm.training import pretrain_step
+    from pipeline.taskstore import read_dataset, read_manifest, shard_table
+    from pipeline.train import pretrain_batch, sequence_pool
+
+    cfg = _config(store, tmp_path, name="pre-interrupted", **{
+        "pretrain.steps": 90, "pretrain.batch_size": 16, "pretrain.val_every": 30, "schedule.log_every": 10,
+        "schedule.meta_steps": 1, "schedule.meta_batch_size": 2, "scaling.num_workers": 1,
+        "scaling.max_failures": 1})
+    final = _train_killing_a_worker(cfg, tmp_path / "runs" / "pre-interrupted", marker="pretrain-")
+    pre = final["extra"]["pretrain"]
+    assert pre.get("resumed_at") in ([30], [60]), pre.get("resumed_at")  # resumed mid-stage, from a checkpoint
+    assert pre["step"] == 90 and [r["step"] for r in pre["history"]] == list(range(10, 91, 10))
+
+    # one process, the same draws (one worker: its pool is every training sequence), uninterrupted
+    apply_manifest(cfg, read_manifest(store))
+    torch.manual_seed(cfg.schedule.seed)
+    model = MetaLearner(build_model(cfg.model), cfg.maml).double().model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
+    pool = sequence_pool(shard_table(read_dataset(store, "train")))
+    for step in range(cfg.pretrain.steps):
+        split = as_split(pretrain_batch(pool, cfg.pretrain.batch_size, cfg.schedule.seed, 0, step))
+        pretrain_step(model, split.to("cpu", torch.float64), optimizer, grad_clip=cfg.optim.grad_clip)
+    end = _checkpoint_at(tmp_path, "pre-interrupted", "pretrain-0000090")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(end["state_dict"][f"model.{name}"], value, rtol=1e-6, atol=1e-9)
+    assert end["extra"]["pretrain"]["optimizer"]["state"][0]["step"] == 90  # Adam's state survived the restart
+
+
+@pytest.mark.parametrize("override, key", [("pretrain.steps=-1", "pretrain.steps"),
+                                           ("pretrain.batch_size=0", "pretrain.batch_size"),
+                                           ("pretrain.lr=0", "pretrain.lr"),
+                                           ("pretrain.val_every=-5", "pretrain.val_every"),
+                                           ("pretrain.stepz=3", "pretrain.stepz"),
+                                           ("pretrain.steps=many", "pretrain.steps")])
+def test_bad_pretrain_values_name_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_pretraining_is_off_by_default():
+    cfg = load_config(None, ["pretrain.batch_size=8"])
+    assert cfg.pretrain.steps == 0 and cfg.pretrain.batch_size == 8

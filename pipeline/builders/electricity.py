@@ -8,7 +8,10 @@ Sources (``--layout``, auto-detected from the files when omitted):
   follows. Test clients: query = the test week as consecutive ``horizon``-step forecasts (7 x 24 h), each
   input = the ``window`` actual values before that day; support = the latest windows of the history.
   Train/val clients never see the test week: query = the last ``--query-windows`` forecasts of the
-  history, support = windows whose targets end before the first query target.
+  history, support = windows whose targets end before the first query target. That last history day is
+  Sunday 2014-03-30, the daylight-saving day, while every test query is a 24 h forecast of the test week;
+  ``--history-episodes N`` gives each train/val client up to N tasks whose queries step back a day (a block
+  of ``--query-windows`` forecasts) at a time (at the UCI defaults 3 fit: Fri, Sat, Sun).
 - ``gefcom``: GEFCom2012 ``Load_history.csv`` (zipped or not): zone_id,year,month,day,h1..h24, quoted values
   with thousands commas; blank day-rows are missing values. ``h1`` is the hour starting 00:00.
 - ``csv-wide``: a timestamp column + one numeric column per series. ``csv-long``: series_id,timestamp,value.
@@ -17,6 +20,15 @@ Sources (``--layout``, auto-detected from the files when omitted):
 Episodes (gefcom and csv layouts): within each gap-free stretch, consecutive non-overlapping episodes of
 ``support_windows`` windows (stride ``--stride``, oldest first) followed by ``query_windows`` consecutive
 ``horizon``-step forecasts. Every support target ends before the first query target starts.
+
+Artefacts (default on for ``uci``, ``--keep-dst-artefact`` / ``--mask-dst-artefact``): steps where >= 95 % of
+the series read below half of both neighbouring values at once (:func:`metalstm.series.common_dips`; in the
+UCI export the 2014-03-30 01:00 clock change, ~30 % of the neighbours' load in 98.6 % of the clients) become
+missing values, which the interpolation below fills.
+
+Extra training source (``--extra-train-source``, gefcom or csv layouts): all its series go to the train
+split as episodes at the main source's window, horizon, stride, support/query windows and covariates, ids
+prefixed with its layout (``gefcom:zone_1@...``), so train queries cover every weekday.
 
 Missing values: interior gaps of up to ``--max-gap`` steps are interpolated linearly; no window ever spans a
 remaining gap (episodes are cut from gap-free stretches; UCI tasks that would need one are dropped).
@@ -48,6 +60,7 @@ import numpy as np
 from metalstm.series import (
     SCALE_METHODS,
     calendar_covariates,
+    common_dips,
     default_covariates,
     finite_runs,
     interpolate_gaps,
@@ -63,6 +76,10 @@ ID_COLUMNS = ("series_id", "id", "series", "item_id", "unique_id")
 TIME_COLUMNS = ("timestamp", "time", "datetime", "date", "ds")
 VALUE_COLUMNS = ("value", "y", "target", "load")
 UCI_PARTS = ("train", "val", "test")
+EXTRA_LAYOUTS = ("gefcom", "csv-wide", "csv-long")
+EXTRA_MAX_TASKS = 3000
+EXTRA_STRIDE_DAYS = 5  # 5 days between extra episodes: 5 and 7 are coprime, so query weekdays rotate
+DIP_SHARE, DIP_RATIO = 0.95, 0.5  # a step is an artefact when >= 95 % of series read < 0.5 x both neighbours
 
 
 @dataclass
@@ -394,6 +411,55 @@ def _defaults(layout: str, frequency_s: float) -> dict[str, int]:
     return {"window": 28, "horizon": 7, "stride": 7, "support_windows": 8, "query_windows": 4}
 
 
+def read_source(source: Path, layout: str, *, frequency_s: float | None = None, timestamp_column: str | None = None,
+                id_column: str | None = None, value_column: str | None = None, sep: str = ",",
+                decimal: str = ".") -> tuple[list[Series], float, int | None]:
+    """``(series, frequency in seconds, first UCI test step or None)`` of a source in a known layout."""
+    if layout == "uci":
+        series, test_start = read_uci(source)
+        return series, float((series[0].timestamps[1] - series[0].timestamps[0]).astype(np.int64)), test_start
+    if layout == "gefcom":
+        return read_gefcom(source), 3600.0, None
+    if layout == "csv-wide":
+        series, freq = read_csv_wide(source, timestamp_column=timestamp_column, frequency_s=frequency_s, sep=sep,
+                                     decimal=decimal)
+    else:
+        series, freq = read_csv_long(source, id_column=id_column, timestamp_column=timestamp_column,
+                                     value_column=value_column, frequency_s=frequency_s, sep=sep, decimal=decimal)
+    return series, float(freq), None
+
+
+def mask_common_dips(series: list[Series], where: str) -> list[str]:
+    """Set the steps where nearly every series collapses at once (:func:`metalstm.series.common_dips`) to NaN.
+
+    Why: the UCI export's daylight-saving hour (2014-03-30 01:00) reads a fraction of the load, or 0, in every
+    client; as a gap it is interpolated (``--max-gap``) like any other missing reading instead of being
+    learnt as a nightly dip. Series are aligned on their timestamps; returns the masked timestamps.
+    """
+    grid = np.unique(np.concatenate([s.timestamps for s in series]))
+    matrix = np.full((len(grid), len(series)), np.nan)
+    for j, s in enumerate(series):
+        matrix[np.searchsorted(grid, s.timestamps), j] = s.values
+    bad = grid[common_dips(matrix, share=DIP_SHARE, ratio=DIP_RATIO)]
+    values = 0
+    for s in series:
+        hit = np.isin(s.timestamps, bad) & np.isfinite(s.values)
+        if hit.any():
+            s.values = np.where(hit, np.nan, s.values)
+            values += int(hit.sum())
+    stamps = [str(t) for t in bad]
+    log.info("electricity: %s: masked %d step(s) where >= %d%% of series read < %g x both neighbours (%s): %d "
+             "values, interpolated where the gap is <= --max-gap", where, len(stamps), round(100 * DIP_SHARE),
+             DIP_RATIO, ", ".join(stamps[:5]) or "none", values)
+    return stamps
+
+
+def _positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
+
+
 class ElectricityBuild:
     """Reads a source once, resolves the options, then yields task records lazily (:meth:`tasks`)."""
 
@@ -405,57 +471,68 @@ class ElectricityBuild:
                  val_series: list[str] | None = None, test_series: list[str] | None = None,
                  max_gap: int = 3, scale_method: str = "mean", frequency: str | None = None,
                  timestamp_column: str | None = None, id_column: str | None = None, value_column: str | None = None,
-                 sep: str = ",", decimal: str = ".", max_tasks_per_split: int | None = None) -> None:
+                 sep: str = ",", decimal: str = ".", max_tasks_per_split: int | None = None,
+                 mask_dst: bool | None = None, history_episodes: int | None = None,
+                 extra_train_source: str | Path | None = None, extra_train_layout: str | None = None,
+                 extra_episode_stride: int | None = None, extra_max_tasks: int = EXTRA_MAX_TASKS) -> None:
         self.source = Path(source)
         self.layout = layout or detect_layout(self.source, sep)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {self.layout!r}")
         if scale_method not in SCALE_METHODS:
             raise ValueError(f"scale_method: expected one of {list(SCALE_METHODS)}, got {scale_method!r}")
-        freq = _parse_frequency(frequency)
-        self.test_start: int | None = None
-        if self.layout == "uci":
-            self.series, self.test_start = read_uci(self.source)
-            freq = float((self.series[0].timestamps[1] - self.series[0].timestamps[0]).astype(np.int64))
-        elif self.layout == "gefcom":
-            self.series = read_gefcom(self.source)
-            freq = 3600.0
-        elif self.layout == "csv-wide":
-            self.series, freq = read_csv_wide(self.source, timestamp_column=timestamp_column, frequency_s=freq,
-                                              sep=sep, decimal=decimal)
-        else:
-            self.series, freq = read_csv_long(self.source, id_column=id_column, timestamp_column=timestamp_column,
-                                              value_column=value_column, frequency_s=freq, sep=sep, decimal=decimal)
+        self.series, freq, self.test_start = read_source(
+            self.source, self.layout, frequency_s=_parse_frequency(frequency), timestamp_column=timestamp_column,
+            id_column=id_column, value_column=value_column, sep=sep, decimal=decimal)
         self.frequency_s = float(freq)
         given = {"window": window, "horizon": horizon, "stride": stride, "support_windows": support_windows,
                  "query_windows": query_windows}
         self.opts = {k: (v if v is not None else d) for (k, v), d in zip(given.items(),
                                                                          _defaults(self.layout, freq).values())}
-        for k, v in self.opts.items():
-            if int(v) < 1:
-                raise ValueError(f"{k}: must be >= 1, got {v}")
+        _positive(**self.opts, max_tasks_per_split=max_tasks_per_split, episode_stride=episode_stride,
+                  max_episodes_per_series=max_episodes_per_series, history_episodes=history_episodes)
         if max_gap < 0:
             raise ValueError(f"max_gap: must be >= 0, got {max_gap}")
-        if max_tasks_per_split is not None and max_tasks_per_split < 1:
-            raise ValueError(f"max_tasks_per_split: must be >= 1, got {max_tasks_per_split}")
-        if max_episodes_per_series is not None and max_episodes_per_series < 1:
-            raise ValueError(f"max_episodes_per_series: must be >= 1, got {max_episodes_per_series}")
-        if episode_stride is not None and episode_stride < 1:
-            raise ValueError(f"episode_stride: must be >= 1, got {episode_stride}")
         self.covariates = tuple(default_covariates(self.frequency_s)) if covariates else ()
         self.max_gap, self.scale_method = max_gap, scale_method
         self.episode_stride, self.max_episodes = episode_stride, max_episodes_per_series
         self.max_tasks_per_split = max_tasks_per_split
-        if self.layout == "uci":
-            self._check_uci()
+        self.mask_dst = self.layout == "uci" if mask_dst is None else bool(mask_dst)
+        masked = mask_common_dips(self.series, str(self.source)) if self.mask_dst else []
+        self.history_episodes = self._resolve_history_episodes(history_episodes)
         self.splits = assign_splits([s.id for s in self.series], val_fraction=val_fraction,
                                     test_fraction=test_fraction, seed=seed, val_ids=val_series, test_ids=test_series)
         self.settings = {"layout": self.layout, "source": str(self.source), **self.opts,
                          "episode_stride": episode_stride, "max_episodes_per_series": max_episodes_per_series,
                          "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                          "max_gap": max_gap, "max_tasks_per_split": max_tasks_per_split,
-                         "series_per_split": {s: sum(v == s for v in self.splits.values()) for s in SPLITS}}
-        self.stats = {"tasks": dict.fromkeys(SPLITS, 0), "dropped_series": 0, "missing_steps": 0}
+                         "series_per_split": {s: sum(v == s for v in self.splits.values()) for s in SPLITS},
+                         "mask_dst": self.mask_dst, "dst_masked_steps": len(masked), "dst_masked_at": masked[:20],
+                         "history_episodes": history_episodes}
+        if self.layout == "uci":
+            self.settings["history_episodes_per_client"] = self.history_episodes
+        self.stats = {"tasks": dict.fromkeys(SPLITS, 0), "dropped_series": 0, "missing_steps": 0,
+                      "dst_masked_steps": len(masked), "extra_train_tasks": 0}
+        self.extra_plan: list[tuple[Series, list[int]]] = []
+        if extra_train_source is not None:
+            self.settings["extra_train"] = self._plan_extra(Path(extra_train_source), extra_train_layout,
+                                                            extra_episode_stride, extra_max_tasks, sep)
+
+    def _resolve_history_episodes(self, wanted: int | None) -> int:
+        """Episodes per UCI train/val client: ``wanted`` (default 1), cut to what the history holds."""
+        if self.layout != "uci":
+            if wanted is not None:
+                raise ValueError(f"history_episodes: only for the uci layout (got {self.layout!r}; its episodes "
+                                 f"are set by --episode-stride / --max-episodes-per-series)")
+            return 1
+        self._check_uci()
+        fits = uci_history_episodes(self.test_start, **{k: self.opts[k] for k in ("window", "horizon",
+                                                                                   "query_windows")})
+        if wanted is not None and wanted > fits:
+            log.warning("electricity: --history-episodes %d: the %d-step history holds only %d (window %d, horizon "
+                        "%d, query_windows %d); building %d per train/val client", wanted, self.test_start, fits,
+                        self.opts["window"], self.opts["horizon"], self.opts["query_windows"], fits)
+        return min(wanted or 1, fits)
 
     def _check_uci(self) -> None:
         o, test_len = self.opts, len(self.series[0].values) - self.test_start
@@ -467,6 +544,41 @@ class ElectricityBuild:
         if need > self.test_start:
             raise ValueError(f"window/horizon/query_windows: train clients need window + horizon x (query_windows + "
                              f"1) = {need} h of history for one support window, the UCI history has {self.test_start}")
+
+    def _plan_extra(self, source: Path, layout: str | None, stride: int | None, max_tasks: int, sep: str) -> dict:
+        """Read an extra training source and choose its episodes: all its series are train-only.
+
+        Why: the UCI history is one week, so its train queries can only be its last days (Fri-Sun), while the
+        test week is Mon-Sun; a longer source (GEFCom2012: 4.5 years of 20 zones) adds training episodes on
+        every weekday. Episodes use the main source's window, horizon, stride, support and query windows and
+        covariates (the same input width); ``stride`` steps apart (default 5 days, so query weekdays rotate),
+        each series' latest ``ceil(max_tasks / series)``, at most ``max_tasks`` in all.
+        """
+        layout = layout or detect_layout(source, sep)
+        if layout not in EXTRA_LAYOUTS:
+            raise ValueError(f"extra_train_layout: expected one of {list(EXTRA_LAYOUTS)}, got {layout!r} "
+                             f"({source})")
+        _positive(extra_episode_stride=stride, extra_max_tasks=max_tasks)
+        series, freq, _ = read_source(source, layout, sep=sep)
+        if freq != self.frequency_s:
+            raise ValueError(f"extra_train_source: {source} has frequency {_format_frequency(freq)}, the main source "
+                             f"{self.source} has {_format_frequency(self.frequency_s)}; they must match")
+        masked = mask_common_dips(series, str(source)) if self.mask_dst else []
+        step = stride or max(1, round(EXTRA_STRIDE_DAYS * 86400 / freq))
+        quota, left = -(-max_tasks // len(series)), max_tasks
+        for s in series:
+            starts = self._episode_starts(interpolate_gaps(s.values, self.max_gap), step, quota)[-left:]
+            if starts:
+                self.extra_plan.append((Series(f"{layout}:{s.id}", s.timestamps, s.values), starts))
+                left -= len(starts)
+            if left <= 0:
+                break
+        tasks = max_tasks - left
+        log.info("electricity: extra training source %s (%s): %d series, %d tasks (episode stride %d steps, cap %d)",
+                 source, layout, len(series), tasks, step, max_tasks)
+        return {"source": str(source), "layout": layout, "series": len(series), "tasks": tasks,
+                "episode_stride": step, "max_tasks": max_tasks, "id_prefix": f"{layout}:",
+                "dst_masked_steps": len(masked)}
 
     @property
     def features(self) -> dict[str, Any]:
@@ -496,39 +608,63 @@ class ElectricityBuild:
                 "query_x": qx, "query_y": qy, "offset": offset, "scale": scale, "forecast_start": stamp}
 
     def _uci_tasks(self, s: Series, split: str) -> Iterator[dict]:
-        o, h = self.opts, self.opts["horizon"]
+        """Test clients: one task, the test week. Train/val clients: ``history_episodes`` tasks whose queries
+        are the last blocks of ``query_windows`` forecasts of the history, latest first (never the test week)."""
+        h, q_count = self.opts["horizon"], self.opts["query_windows"]
         values = interpolate_gaps(s.values, self.max_gap)
-        cov = self._cov(s)
         if split == "test":
-            cutoff, q_count = self.test_start, (len(values) - self.test_start) // h
-            q_end = cutoff + q_count * h
-        else:  # never touch the test week: the last query_windows forecasts of the history are the query
-            q_end, q_count = self.test_start, o["query_windows"]
-            cutoff = q_end - q_count * h
-        if not np.isfinite(values[:q_end]).all():
+            q_count = (len(values) - self.test_start) // h
+            bounds = [(self.test_start, self.test_start + q_count * h)]
+        else:
+            bounds = [(self.test_start - (k + 1) * q_count * h, self.test_start - k * q_count * h)
+                      for k in range(self.history_episodes)]
+        if not np.isfinite(values[: bounds[0][1]]).all():
             self.stats["dropped_series"] += 1
             log.warning("electricity: %s dropped: missing values left after interpolating gaps of <= %d steps",
                         s.id, self.max_gap)
             return
+        cov = self._cov(s)
+        for k, (cutoff, q_end) in enumerate(bounds):
+            task = self._uci_task(s, split, values, cov, cutoff, q_end, q_count)
+            if task is None:
+                self.stats["dropped_series"] += int(k == 0)
+                return
+            yield task
+
+    def _uci_task(self, s: Series, split: str, values: np.ndarray, cov: np.ndarray | None, cutoff: int,
+                  q_end: int, q_count: int) -> dict | None:
+        """One task: queries end at ``q_end``, support targets end by ``cutoff``; scaled on ``values[:cutoff]``."""
+        o, h = self.opts, self.opts["horizon"]
+        if cutoff < o["window"] + h:
+            return None
         offset, scale = series_scale(values[:cutoff], self.scale_method)
         sx, sy = make_windows(values, cov, o["window"], h, o["stride"], offset=offset, scale=scale, end=cutoff,
                               count=o["support_windows"])
         qx, qy = make_windows(values, cov, o["window"], h, h, offset=offset, scale=scale, end=q_end, count=q_count)
         if not sx or len(qx) != q_count:
-            self.stats["dropped_series"] += 1
-            return
-        yield self._record(s, split, cutoff, sx, sy, qx, qy, offset, scale)
+            return None
+        return self._record(s, split, cutoff, sx, sy, qx, qy, offset, scale)
 
-    def _episode_tasks(self, s: Series, split: str) -> Iterator[dict]:
-        o, h = self.opts, self.opts["horizon"]
-        cutoff_rel = (o["support_windows"] - 1) * o["stride"] + o["window"] + h
-        span = cutoff_rel + o["query_windows"] * h
-        step = self.episode_stride or span
-        values = interpolate_gaps(s.values, self.max_gap)
-        self.stats["missing_steps"] += int((~np.isfinite(values)).sum())
+    def _episode_span(self) -> tuple[int, int]:
+        """``(first query step, episode length)`` relative to an episode's start."""
+        o = self.opts
+        cutoff_rel = (o["support_windows"] - 1) * o["stride"] + o["window"] + o["horizon"]
+        return cutoff_rel, cutoff_rel + o["query_windows"] * o["horizon"]
+
+    def _episode_starts(self, values: np.ndarray, step: int, keep: int | None) -> list[int]:
+        """Episode starts ``step`` apart within each gap-free stretch; the latest ``keep`` if given."""
+        span = self._episode_span()[1]
         starts = [e for a, b in finite_runs(values) for e in range(a, b - span + 1, step)]
-        if self.max_episodes is not None:
-            starts = starts[-self.max_episodes :]  # the most recent episodes
+        return starts[-keep:] if keep is not None else starts
+
+    def _episode_tasks(self, s: Series, split: str, starts: list[int] | None = None) -> Iterator[dict]:
+        """Episodes of a series (``starts`` planned already, or from --episode-stride / --max-episodes)."""
+        o, h = self.opts, self.opts["horizon"]
+        cutoff_rel, span = self._episode_span()
+        values = interpolate_gaps(s.values, self.max_gap)
+        if starts is None:
+            self.stats["missing_steps"] += int((~np.isfinite(values)).sum())
+            starts = self._episode_starts(values, self.episode_stride or span, self.max_episodes)
         if not starts:
             self.stats["dropped_series"] += 1
             log.warning("electricity: %s has no gap-free stretch of %d steps; no tasks", s.id, span)
@@ -543,8 +679,18 @@ class ElectricityBuild:
                                   count=o["query_windows"])
             yield self._record(s, split, cutoff, sx, sy, qx, qy, offset, scale)
 
+    def _extra_tasks(self) -> Iterator[dict]:
+        """The extra training source's planned episodes (train split only; not capped by --max-tasks-per-split)."""
+        for s, starts in self.extra_plan:
+            for task in self._episode_tasks(s, "train", starts):
+                self.stats["tasks"]["train"] += 1
+                self.stats["extra_train_tasks"] += 1
+                yield task
+        if self.extra_plan:
+            log.info("electricity: extra training source: %d tasks", self.stats["extra_train_tasks"])
+
     def tasks(self) -> Iterator[dict]:
-        """Task records, series by series (sorted ids as read), logging progress."""
+        """Task records, series by series (sorted ids as read), then any extra training source; logs progress."""
         limit = self.max_tasks_per_split
         per_series = self._uci_tasks if self.layout == "uci" else self._episode_tasks
         for k, s in enumerate(self.series):
@@ -560,6 +706,15 @@ class ElectricityBuild:
                 yield task
             if (k + 1) % max(1, len(self.series) // 10) == 0 or k + 1 == len(self.series):
                 log.info("electricity: %d/%d series, tasks %s", k + 1, len(self.series), self.stats["tasks"])
+        yield from self._extra_tasks()
+
+
+def uci_history_episodes(history: int, *, window: int, horizon: int, query_windows: int) -> int:
+    """How many train/val episodes a UCI history of ``history`` steps holds: query blocks of ``query_windows``
+    forecasts, stepped back a block at a time from the history's end, while one support window (``window +
+    horizon`` steps) still fits before the block. UCI (168 h) at 72 / 24 / 1: 3 (queries Fri, Sat, Sun)."""
+    block = query_windows * horizon
+    return max(0, (history - block - window - horizon) // block + 1)
 
 
 def electricity_tasks(source: str | Path, **options: Any) -> Iterator[dict]:
@@ -600,6 +755,37 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sep", default=",", help="CSV field separator")
     g.add_argument("--decimal", default=".", help="CSV decimal mark")
     g.add_argument("--max-tasks-per-split", type=int, help="stop after N tasks per split (quick small stores)")
+    _add_history_options(parser)
+
+
+def _add_history_options(parser: argparse.ArgumentParser) -> None:
+    """Options against the UCI history's single Sunday/daylight-saving training query (all opt-in but the mask)."""
+    g = parser.add_argument_group("electricity: training episodes")
+    g.add_argument("--keep-dst-artefact", dest="mask_dst", action="store_false", default=None,
+                   help="keep steps where >= 95%% of series read < 0.5 x both neighbours at once (UCI: the "
+                        "2014-03-30 01:00 clock change) instead of masking them as gaps for --max-gap to fill "
+                        "(masking is the default for --layout uci only)")
+    g.add_argument("--mask-dst-artefact", dest="mask_dst", action="store_true",
+                   help="mask such steps for any layout")
+    g.add_argument("--history-episodes", type=int, metavar="N",
+                   help="uci only: up to N tasks per train/val client instead of 1, queries = the last N blocks of "
+                        "--query-windows forecasts of the history (days at the defaults), latest first, each "
+                        "with the support windows that end before it (at most --support-windows, at least 1) "
+                        "and its own scaling; at --window 72 --horizon 24 --stride 12 the 168 h history holds "
+                        "3 (queries Fri 03-28, Sat 03-29, Sun 03-30 with 1, 3, 5 support windows); test "
+                        "clients are unchanged")
+    g.add_argument("--extra-train-source", metavar="PATH",
+                   help="a GEFCom or CSV source whose series ALL become extra training tasks (never val/test), "
+                        "at the main source's window, horizon, stride, support/query windows and covariates; "
+                        "ids prefixed with its layout, e.g. gefcom:zone_1@...; same frequency required")
+    g.add_argument("--extra-train-layout", choices=EXTRA_LAYOUTS,
+                   help="layout of --extra-train-source (default: detected)")
+    g.add_argument("--extra-episode-stride", type=int, metavar="STEPS",
+                   help=f"steps between the extra source's episodes (default {EXTRA_STRIDE_DAYS} days of steps, "
+                        f"so query weekdays rotate)")
+    g.add_argument("--extra-max-tasks", type=int, default=EXTRA_MAX_TASKS, metavar="N",
+                   help="at most N extra training tasks, each series' latest ceil(N / series) episodes "
+                        "(--max-tasks-per-split does not cap them)")
 
 
 def _ids(text: str | None) -> list[str] | None:
@@ -617,7 +803,12 @@ def build(args: argparse.Namespace) -> dict:
         val_series=_ids(args.val_series), test_series=_ids(args.test_series), max_gap=args.max_gap,
         scale_method=args.scale_method, frequency=args.frequency, timestamp_column=args.timestamp_column,
         id_column=args.id_column, value_column=args.value_column, sep=args.sep, decimal=args.decimal,
-        max_tasks_per_split=args.max_tasks_per_split)
+        max_tasks_per_split=args.max_tasks_per_split, mask_dst=getattr(args, "mask_dst", None),
+        history_episodes=getattr(args, "history_episodes", None),
+        extra_train_source=getattr(args, "extra_train_source", None),
+        extra_train_layout=getattr(args, "extra_train_layout", None),
+        extra_episode_stride=getattr(args, "extra_episode_stride", None),
+        extra_max_tasks=getattr(args, "extra_max_tasks", EXTRA_MAX_TASKS))
     log.info("electricity: %s layout, %d series (%s), frequency %s", b.layout, len(b.series),
              b.settings["series_per_split"], b.features["frequency"])
     limits = {"max_x_len": b.opts["window"], "max_y_len": b.opts["horizon"]}

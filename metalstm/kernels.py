@@ -6,8 +6,11 @@ memory, behind the recurrent matmul that streams every task's weights through th
 (``ATen/cpu/vec``, as PyTorch's own CPU kernels do), so results match the unfused ops to rounding.
 
 They are compiled with PyTorch's C++ extension loader the first time a process needs them (≈ 30 s, a C++
-compiler and ninja) and cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``);
-later processes only load the cached library. Where they cannot be built, or with
+compiler and ninja) and cached; later processes only load the cached library. The cache is
+``TORCH_EXTENSIONS_DIR`` when set, else a folder per Python environment under PyTorch's default root
+(``~/.cache/torch_extensions/metalstm-<key>``, the key a hash of ``sys.prefix`` and the torch version): a build
+file records one environment's include and library paths, so two virtual environments sharing one folder would
+rebuild each other's kernels on every switch. Where they cannot be built, or with
 ``METALSTM_FUSED_KERNELS=0``, the node runs the same maths as PyTorch ops: a fallback, not a different result.
 """
 
@@ -17,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -40,6 +44,17 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def build_directory(name: str) -> Path | None:
+    """Where the kernels named ``name`` are built and cached: None lets PyTorch use ``TORCH_EXTENSIONS_DIR``
+    (the user chose it); otherwise a folder keyed by this Python environment, so that venvs never share one."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return None
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256(f"{os.path.realpath(sys.prefix)}\0{torch.__version__}".encode()).hexdigest()[:12]
+    return Path(get_default_build_root()) / f"metalstm-{key}" / name
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     capability = torch.backends.cpu.get_cpu_capability()
@@ -53,8 +68,12 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        directory = build_directory(name)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)  # PyTorch creates only the directories it chose itself
         log.info("loading the fused LSTM kernels (%s; the first build takes about 30 s)", name)
-        return load(name, [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+        return load(name, [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False,
+                    build_directory=None if directory is None else str(directory))
     except Exception as e:  # no compiler, no ninja, no Python headers: the ops path does the same maths
         log.warning("fused LSTM kernels unavailable, using PyTorch ops instead (%s: %s)", type(e).__name__,
                     str(e).strip().splitlines()[-1] if str(e).strip() else "")

@@ -12,14 +12,15 @@ import logging
 import sys
 
 COMMANDS = {
+    "demo": ("pipeline.demo", "the whole system end to end on this machine: train, register, serve, adapt"),
     "tasks": ("pipeline.tasks_cli", "build and inspect Parquet task stores"),
-    "train": ("pipeline.train", "meta-train on Ray Train"),
-    "evaluate": ("pipeline.registry", "evaluate a registered model on a task store"),
-    "promote": ("pipeline.registry", "move a registry alias to a better version"),
+    "train": ("pipeline.train", "meta-train on Ray Train, log and register the model in MLflow"),
+    "evaluate": ("pipeline.registry", "evaluate a registered model on held-out tasks"),
+    "promote": ("pipeline.registry", "move a registry alias (@champion) to a version that evaluates better"),
     "rollback": ("pipeline.registry", "move an alias back to its previous holder"),
-    "serve": ("pipeline.serve", "serve adaptation with Ray Serve"),
-    "demo": ("pipeline.demo", "the whole system end to end on a laptop"),
-    "experiment": ("pipeline.experiment", "few-shot comparison against conventional LSTMs"),
+    "serve": ("pipeline.serve", "serve adaptation over HTTP with Ray Serve"),
+    "ui": ("pipeline.ui", "open the MLflow UI on the store this project's runs went to"),
+    "experiment": ("pipeline.experiment", "few-shot comparison against conventional LSTMs and classical baselines"),
     "bench": ("pipeline.bench", "benchmarks that print JSON"),
 }
 
@@ -31,16 +32,23 @@ class UserError(Exception):
     """An error the user can fix; the CLI prints its message without a traceback and exits 2."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="metalstm", description="Meta-LSTM: MAML for sequence models.")
+def build_parser(chosen: str | None = None, *, every_command: bool = False) -> argparse.ArgumentParser:
+    """The ``metalstm`` parser. Only ``chosen``'s module adds its arguments, because importing Ray and MLflow
+    takes seconds; ``every_command`` adds them all (tests that check every flag and the README's commands)."""
+    parser = argparse.ArgumentParser(prog="metalstm", description="Meta-LSTM: MAML for sequence models. "
+                                     "Start with `metalstm demo`; `metalstm COMMAND --help` for a command's flags.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
-    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:  # only the chosen command's module is imported (Ray, MLflow are slow to import)
+        if every_command or name == chosen:
             importlib.import_module(module).add_arguments(sub, name)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` as ``metalstm`` reads it; a usage error exits 2 with the message, as argparse does."""
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args, extra = parser.parse_known_args(argv)
     # ``key=value`` items after a flag (``bench maml --json steps=1``): argparse stops filling a ``nargs="*"``
     # positional at the first flag, so they arrive here and join the command's list of overrides
@@ -49,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         getattr(args, target).extend(extra)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

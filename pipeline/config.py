@@ -177,11 +177,24 @@ def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any], prefix: str = "")
             raise ValueError(f"config key {prefix}model.kind: {cfg.model.kind!r} cannot train on a {family!r} "
                              f"store (expected one of {list(allowed)})")
         cfg.model.kind = allowed[0]
-    for key in ("input_size", "output_size", "horizon", "vocab_size", "tgt_vocab_size"):
+    for key in STORE_DIMENSIONS:
         if key in features:
             setattr(cfg.model, key, int(features[key]))
     if "src_vocab_size" in features:
         cfg.model.vocab_size = int(features["src_vocab_size"])
+
+
+STORE_DIMENSIONS = ("input_size", "output_size", "horizon", "vocab_size", "tgt_vocab_size")  # set by the store
+
+
+def printable_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as ``--print-config`` shows it: without the data dimensions the task store sets at run
+    time (a placeholder there would read as if it were used), which a trailing comment names instead."""
+    data = to_dict(cfg)
+    for key in STORE_DIMENSIONS:
+        data["model"].pop(key, None)
+    return (OmegaConf.to_yaml(OmegaConf.create(data)) + f"# model.{', model.'.join(STORE_DIMENSIONS)}: set from "
+            "the task store's manifest when the run starts\n")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

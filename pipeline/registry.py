@@ -271,9 +271,11 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
 
 
 def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
-    from pipeline.tracking import resolve_tracking_uri
+    """A client of an existing store: opening a local store creates it, and a look-up must create nothing."""
+    from pipeline.tracking import require_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    require_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
@@ -281,7 +283,18 @@ def _not_found(e: MlflowException) -> bool:
     return e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(e).lower()
 
 
-def _get_version(client: MlflowClient, name: str, alias: str | None, version: str | None) -> Any:
+def _registered_names(client: MlflowClient, limit: int = 10) -> str:
+    """The store's registered models, for a "not found" message (the usual cause is the wrong store)."""
+    try:
+        names = sorted(m.name for m in client.search_registered_models(max_results=limit))
+    except MlflowException:
+        return ""
+    return f" (registered models there: {', '.join(names)})" if names else " (no registered models there)"
+
+
+def _get_version(client: MlflowClient, uri: str, name: str, alias: str | None, version: str | None) -> Any:
+    from pipeline.tracking import not_found_hint
+
     what = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
     try:
         if alias:
@@ -289,7 +302,8 @@ def _get_version(client: MlflowClient, name: str, alias: str | None, version: st
         return client.get_model_version(name, version)
     except MlflowException as e:
         if _not_found(e):
-            raise _user_error(f"{what}: no such registered model version or alias") from None
+            raise _user_error(f"{what}: no such registered model version or alias {not_found_hint(uri)}"
+                              f"{_registered_names(client)}") from None
         raise
 
 
@@ -328,7 +342,7 @@ def load_learner(model_uri: str, tracking_uri: str | None = None,
     """The learner of a registered version, its checkpoint dict and where it came from."""
     name, alias, version = parse_model_uri(model_uri)
     client, uri = _client(tracking_uri)
-    mv = _get_version(client, name, alias, version)
+    mv = _get_version(client, uri, name, alias, version)
     resolved, ckpt = _fetch(client, uri, mv, alias, dst_dir)
     learner, _ = learner_from_checkpoint(ckpt)
     learner.eval()
@@ -447,7 +461,7 @@ def promote(name: str, version: str, *, alias: str = "champion", margin: float =
     if alias.startswith("previous-"):
         raise ValueError(f"--alias: {alias!r} is reserved for rollback history")
     client, uri = _client(tracking_uri)
-    candidate_mv = _get_version(client, name, None, version)
+    candidate_mv = _get_version(client, uri, name, None, version)
     holder_mv = _alias_version(client, name, alias)
     with tempfile.TemporaryDirectory(prefix="metalstm-promote-") as tmp:
         cand, cand_ckpt = _fetch(client, uri, candidate_mv, None, f"{tmp}/candidate")
@@ -524,15 +538,16 @@ def rollback(name: str, *, alias: str = "champion", tracking_uri: str | None = N
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+                        help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db; the "
+                             "demo's is .metalstm/demo/mlflow.db)")
     if command in ("evaluate", "promote"):
         if command == "evaluate":
             parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-            parser.add_argument("--tasks", required=True, help="task-store URI")
+            parser.add_argument("--tasks", default=None, help="task-store URI (default: the store it was trained on)")
         else:
             parser.add_argument("name", help="registered model name")
             parser.add_argument("--version", required=True, help="candidate version")
-            parser.add_argument("--alias", default="champion")
+            parser.add_argument("--alias", default="champion", help="the alias to move (default champion)")
             parser.add_argument("--margin", type=float, default=0.0,
                                 help="required improvement of the primary metric, in its units (default 0)")
             parser.add_argument("--force", action="store_true", help="move the alias even if not better")
@@ -540,20 +555,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--split", default="test", help="task-store split, or 'all' (default: test)")
         parser.add_argument("--limit", type=int, default=None, help="evaluate the first N tasks only")
         parser.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the model's)")
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--batch-size", type=int, default=16,
+                            help="tasks adapted together (default 16; results do not depend on it)")
+        parser.add_argument("--seed", type=int, default=0,
+                            help="torch seed for evaluation (default 0; the same for every model compared)")
     elif command == "rollback":
         parser.add_argument("name", help="registered model name")
-        parser.add_argument("--alias", default="champion")
+        parser.add_argument("--alias", default="champion",
+                            help="the alias to move back to previous-ALIAS (default champion)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.tracking import check_tracking_server, resolve_tracking_uri
+    from pipeline.tracking import require_store, resolve_tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     retain_freed_memory()  # evaluation adapts on every task in this process
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_server(args.tracking_uri)  # a clear error now, not a minute of HTTP retries later
+    require_store(args.tracking_uri)  # a clear error now (not HTTP retries), and no empty store left behind
     try:
         return _run(args)
     except MlflowException as e:
@@ -566,6 +584,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         with tempfile.TemporaryDirectory(prefix="metalstm-evaluate-") as tmp:
             learner, ckpt, resolved = load_learner(args.model, args.tracking_uri, tmp)
+            args.tasks = args.tasks or (ckpt.get("extra", {}).get("store") or {}).get("uri")
+            if not args.tasks:
+                raise _user_error("--tasks: the model's checkpoint names no task store; pass --tasks URI")
             _check_family(ckpt, args.tasks)
             tasks = load_tasks(args.tasks, split, args.limit)
             metrics = evaluate_learner(learner, tasks, steps=args.steps, batch_size=args.batch_size, seed=args.seed)

@@ -639,14 +639,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="replicas (the adapter cache is per replica)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
-    parser.add_argument("--cache-max-entries", type=int, default=1024)
-    parser.add_argument("--cache-ttl-s", type=float, default=3600.0)
-    parser.add_argument("--cache-max-mb", type=float, default=256.0)
-    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20))
+    parser.add_argument("--cache-max-entries", type=int, default=1024,
+                        help="adapters (POST /v1/adapters) kept per replica, least recently used evicted first "
+                             "(default 1024)")
+    parser.add_argument("--cache-ttl-s", type=float, default=3600.0,
+                        help="seconds an unused adapter is kept (default 3600)")
+    parser.add_argument("--cache-max-mb", type=float, default=256.0,
+                        help="memory cap of a replica's adapter weights, in MiB (default 256)")
+    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20),
+                        help=f"largest request body, in MiB; larger ones get 413 before parsing "
+                             f"(default {MAX_BODY_BYTES / (1 << 20):g})")
     parser.add_argument("--direct-ingress", action="store_true",
-                        help="replicas also serve HTTP on ports of their own, without the proxy's hop (printed at "
-                             "start; a local cluster turns it on, a running one must have been started with "
-                             f"{DIRECT_INGRESS_ENV}=1)")
+                        help="off by default: replicas also answer on ports of their own (printed at start), "
+                             "skipping the proxy's hop; a local cluster gets it, a running one must have been "
+                             f"started with {DIRECT_INGRESS_ENV}=1")
     parser.add_argument("--once", action="store_true", help="deploy and return (leave Serve running)")
 
 
@@ -665,14 +671,17 @@ def resolve(model_uri: str, tracking_uri: str) -> dict[str, Any]:
 
     from pipeline.cli import UserError
     from pipeline.registry import parse_model_uri
+    from pipeline.tracking import not_found_hint, require_store
 
     name, alias, version = parse_model_uri(model_uri)
     if alias:
+        require_store(tracking_uri)  # opening a missing local store would create an empty one
         try:
             client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
             version = client.get_model_version_by_alias(name, alias).version
         except MlflowException as e:
-            raise UserError(f"{model_uri}: cannot resolve the alias ({e.message})") from None
+            raise UserError(f"{model_uri}: cannot resolve the alias {not_found_hint(tracking_uri)} "
+                            f"({e.message})") from None
     return model_config(f"models:/{name}/{version}", tracking_uri, alias)
 
 

@@ -62,11 +62,14 @@ def _int(options: dict[str, str], key: str, default: int, low: int = 1) -> int:
 def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str, workdir: Path) -> str:
     """Register a checkpoint as the registry's pyfunc model (as training does) and return the version."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pipeline.registry import save_pyfunc
+    from pipeline.tracking import ensure_experiment
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("metalstm-bench")
+    # artifacts beside a local store, as training keeps them (without a location MLflow writes ./mlruns)
+    mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(tracking_uri), "metalstm-bench", tracking_uri))
     model_dir = workdir / f"pyfunc-{name}"
     save_pyfunc(checkpoint, model_dir)
     with mlflow.start_run() as run:

@@ -55,8 +55,8 @@ def builder_module(family: str):
         raise UserError(f"family {family!r}: its builder {name} is not installed in this version") from e
 
 
-def run_build(family: str, argv: list[str]) -> tuple[str, dict]:
-    """Parse the family's options, build the store; return its URI and manifest."""
+def family_parser(family: str) -> argparse.ArgumentParser:
+    """The parser of ``metalstm tasks build FAMILY``'s options: the common ones and the builder's own."""
     module = builder_module(family)
     parser = _Parser(prog=f"metalstm tasks build {family}", conflict_handler="resolve")  # builders may redefine
     parser.add_argument("--out", required=True, metavar="URI", help="where to write the store (path, s3://, ...)")
@@ -65,7 +65,13 @@ def run_build(family: str, argv: list[str]) -> tuple[str, dict]:
     parser.add_argument("--rows-per-group", type=int, default=None, metavar="N",
                         help="tasks per Parquet row group (default 256)")
     module.add_options(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_build(family: str, argv: list[str]) -> tuple[str, dict]:
+    """Parse the family's options, build the store; return its URI and manifest."""
+    module = builder_module(family)
+    args = family_parser(family).parse_args(argv)
     args.family = family
     return args.out, module.build(args)
 

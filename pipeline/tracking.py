@@ -42,6 +42,7 @@ from pipeline.cli import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
+DEMO_DB = ".metalstm/demo/mlflow.db"  # where ``metalstm demo`` tracks (its default --workdir)
 ARTIFACT_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH_PARAMS, BATCH_METRICS = 100, 1000  # MLflow's per-request limits
@@ -122,6 +123,45 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
             raise UserError(f"MLflow tracking store {uri}: cannot create {directory} ({e})") from None
         if not os.access(directory, os.W_OK):
             raise UserError(f"MLflow tracking store {uri}: {directory} is not writable")
+
+
+def local_stores(root: Path | None = None) -> list[str]:
+    """The sqlite stores this project's commands create by default under ``root`` (the working directory) that
+    exist, most recently written first: ``./mlflow.db`` (train, experiment) and the demo's."""
+    root = Path.cwd() if root is None else root
+    found = [root / name for name in (DEFAULT_DB, DEMO_DB) if (root / name).is_file()]
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [f"sqlite:///{p.resolve()}" for p in found]
+
+
+def _elsewhere(uri: str) -> str:
+    """A hint naming the project's other local stores, for "not found" messages."""
+    others = [u for u in local_stores() if u != uri]
+    if others:
+        return f"; stores here: {', '.join(others)} (pass --tracking-uri)"
+    return "; pass --tracking-uri or set MLFLOW_TRACKING_URI"
+
+
+def require_store(uri: str) -> None:
+    """For commands that only look things up (evaluate, promote, rollback, serve, ui): the store must exist.
+
+    Opening a sqlite or file store creates it, so without this a mistyped URI or the wrong directory would
+    leave an empty ``mlflow.db`` behind and report a missing model instead of a missing store. Remote stores
+    are checked for reachability.
+    """
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        check_tracking_server(uri)
+        return
+    path = _sqlite_path(uri) if scheme == "sqlite" else (Path(urlsplit(uri).path) if scheme == "file" else None)
+    if path is not None and not (path.is_file() if scheme == "sqlite" else path.is_dir()):
+        raise UserError(f"no MLflow tracking store at {redact(uri)}: nothing has been tracked there "
+                        f"(nothing was created){_elsewhere(uri)}")
+
+
+def not_found_hint(uri: str) -> str:
+    """``in <uri>`` plus the other local stores, for a model or run that the store at ``uri`` does not have."""
+    return f"in {redact(uri)}{_elsewhere(uri)}"
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:

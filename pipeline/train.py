@@ -527,9 +527,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        from pipeline.config import to_yaml
+        from pipeline.config import printable_yaml
 
-        print(to_yaml(cfg))
+        print(printable_yaml(cfg), end="")
         return 0
     result = train(cfg)
     checkpoint = result.checkpoint

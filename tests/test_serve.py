@@ -95,13 +95,17 @@ def _register(tmp: Path, ckpt: Path, name: str, *, corrupt: bool = False) -> str
 def registry(tmp_path_factory):
     """A sqlite MLflow with: forecaster v1, v2, v3 (broken weights), a char LM, a seq2seq and an MLP."""
     import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import ensure_experiment
 
     tmp = tmp_path_factory.mktemp("serve-registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serve-tests")
+    # artifacts beside the db, as training keeps them: without a location MLflow writes ./mlruns in the checkout
+    mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(uri), "serve-tests", uri))
     store = {"family": "electricity", "features": {"input_size": F, "horizon": H, "window": WINDOW, "stride": H,
                                                    "support_windows": 4, "covariates": COVARIATES},
              "normalisation": {"method": "mean"}}

@@ -374,3 +374,13 @@ def test_bad_pretrain_values_name_the_key(override, key):
 def test_pretraining_is_off_by_default():
     cfg = load_config(None, ["pretrain.batch_size=8"])
     assert cfg.pretrain.steps == 0 and cfg.pretrain.batch_size == 8
+
+
+def test_print_config_leaves_out_the_dimensions_the_store_sets(capsys):
+    from pipeline.cli import main
+
+    assert main(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    body, comment = out.rsplit("# ", 1)
+    assert "hidden_size:" in body and "vocab_size" not in body and "input_size" not in body
+    assert "model.vocab_size" in comment and "task store" in comment

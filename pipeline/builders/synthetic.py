@@ -139,12 +139,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=d["window"], help="sequence: input steps per example")
     parser.add_argument("--horizon", type=int, default=d["horizon"], help="sequence: values predicted per example")
     parser.add_argument("--stride", type=int, default=d["stride"], help="sequence: steps between windows (0 = horizon)")
-    parser.add_argument("--amplitude", type=float, nargs=2, default=d["amplitude"], metavar=("LOW", "HIGH"))
-    parser.add_argument("--phase", type=float, nargs=2, default=d["phase"], metavar=("LOW", "HIGH"))
+    parser.add_argument("--amplitude", type=float, nargs=2, default=d["amplitude"], metavar=("LOW", "HIGH"),
+                        help="sine amplitude A drawn uniformly from [LOW, HIGH] per task")
+    parser.add_argument("--phase", type=float, nargs=2, default=d["phase"], metavar=("LOW", "HIGH"),
+                        help="sine phase drawn uniformly from [LOW, HIGH] per task (radians)")
     parser.add_argument("--frequency", type=float, nargs=2, default=d["frequency"], metavar=("LOW", "HIGH"),
                         help="sequence: ω in radians per step")
     parser.add_argument("--noise", type=float, default=d["noise"], help="sequence: std of the added Gaussian noise")
-    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--seed", type=int, default=d["seed"], help="seed of the task draws (each split its own)")
 
 
 def build(args: argparse.Namespace) -> dict:

@@ -378,6 +378,9 @@ def summarize(rows: list[dict], pooled_rows: list[dict], metrics: list[str]) -> 
         for m in metrics:
             mean, half, n = t_interval(r.get(m, float("nan")) for r in group)
             row[m] = {"mean": mean, "ci95": half, "n": n}
+            diverged = sum(math.isinf(r.get(m, 0.0)) for r in group)
+            if diverged:  # adaptations whose support loss turned non-finite: the mean is infinite, say how many
+                row[m]["diverged"] = diverged
         for m in ("nd", "nrmse"):
             if pooled.get((method, shots, steps)):
                 mean, half, n = t_interval(r[m] for r in pooled[(method, shots, steps)])
@@ -732,7 +735,7 @@ def label_of(results: dict[str, Any], method: str) -> str:
 
 def _fmt(cell: dict | None, digits: int = 3) -> str:
     if cell and cell.get("mean") in (float("inf"), float("-inf")):
-        return "diverged"
+        return f"diverged on {cell.get('diverged', '?')} of {cell.get('n', '?')}"
     if not cell or not math.isfinite(cell.get("mean", float("nan"))):
         return "–"
     half = cell.get("ci95", float("nan"))

@@ -288,3 +288,16 @@ def test_ptb_real_data_ngram_smoke(tmp_path):
     res = Experiment(cfg).run()
     bpc = [r for r in res["summary"] if r["method"] == "classical"][0]["bpc"]["mean"]
     assert 1.0 < bpc < math.log2(cfg.train.model.vocab_size)
+
+
+def test_a_diverged_adaptation_is_reported_never_dropped():
+    from pipeline.experiment import _fmt, paired, summarize, verdict_lines
+
+    rows = [{"method": m, "shots": 1, "steps": 1, "seed": 0, "task_id": f"t{i}", "mse": v}
+            for m, vals in (("maml", [1.0, float("inf"), 2.0]), ("transfer", [1.5, 1.5, 1.5]))
+            for i, v in enumerate(vals)]
+    cell = [r for r in summarize(rows, [], ["mse"]) if r["method"] == "maml"][0]["mse"]
+    assert cell["mean"] == float("inf") and cell["diverged"] == 1 and cell["n"] == 3
+    assert _fmt(cell) == "diverged on 1 of 3"
+    lines = verdict_lines({"metrics": ["mse"], "paired": paired(rows, "mse", [1], 1)})
+    assert lines == ["- K = 1: Meta-LSTM vs transfer: loses (Meta-LSTM diverged) (Δmse = +inf ± inf)"]

@@ -176,7 +176,7 @@ def test_fit_can_validate_the_starting_state_and_keep_it():
 
     out = fit(model, step, 2, validate=lambda: next(vals), val_every=1, validate_start=True)
     assert out["history"][0] == {"step": 0, "val": 0.5} and out["best_val"] == 0.5
-    assert float(model.weight) == 7.0  # no step beat the warm start on val: it is kept
+    assert float(model.weight.detach()) == 7.0  # no step beat the warm start on val: it is kept
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import Tensor
 from metalstm.data import PAD, Split, collate
 from metalstm.maml import InnerRates, NonFiniteLossError, inner_loop
 from metalstm.models import MetaModel, batched, seasonal_naive  # noqa: F401  (re-exported: a baseline)
-from metalstm.training import fit
+from metalstm.training import fit, pretrain_step
 
 Params = Mapping[str, Tensor]
 
@@ -194,18 +194,11 @@ def pretrain(model: MetaModel, pairs: Sequence[tuple[Any, Any]], *, steps: int, 
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
-    def step(i: int) -> dict:
+    def step(i: int) -> dict:  # the one pre-training step ``metalstm train``'s stage takes too, on one process
         idx = rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False)
         split = as_split([pairs[j] for j in idx]).to(device, dtype)
-        opt.zero_grad()
-        loss = model.task_loss(batched(model, 1), split).sum()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"pretrain step {i}: loss is not finite; lower baselines.pretrain_lr")
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        return {"loss": float(loss.detach())}
+        out = pretrain_step(model, split, opt, grad_clip=grad_clip, step=i, rate_key="baselines.pretrain_lr")
+        return {"loss": out["loss"]}
 
     out = fit(model, step, steps, validate=validate, val_every=val_every, log=log, log_every=log_every)
     return {**out, "sequences_seen": steps * min(batch_size, len(pairs))}

@@ -88,8 +88,8 @@ def pretrain_loss(model: nn.Module, split: Split) -> Tensor:
 
 
 def pretrain_step(model: nn.Module, split: Split | None, optimizer: torch.optim.Optimizer, *, grad_clip: float = 10.0,
-                  all_reduce: Callable[[list[Tensor]], None] | None = None,
-                  step: int | None = None) -> dict[str, float]:
+                  all_reduce: Callable[[list[Tensor]], None] | None = None, step: int | None = None,
+                  rate_key: str = "pretrain.lr") -> dict[str, float]:
     """One optimiser step of conventional pre-training of θ (all of ``model``'s parameters) on ``split``.
 
     On one process (``all_reduce=None``) this is ``metalstm.baselines.pretrain``'s step. Data-parallel, every
@@ -98,7 +98,8 @@ def pretrain_step(model: nn.Module, split: Split | None, optimizer: torch.optim.
     targets, so after the sum and one division every process holds the gradient of the *global* masked mean,
     the same as one process on the whole minibatch, and identical optimisers keep θ identical everywhere.
 
-    Raises :class:`~metalstm.maml.NonFiniteLossError` when this process's loss is NaN or inf. Returns the global
+    Raises :class:`~metalstm.maml.NonFiniteLossError` when this process's loss is NaN or inf, naming the config
+    key of the rate to lower (``rate_key``). Returns the global
     ``loss`` (NaN, and no update, when no process had a target) and the global target count ``targets``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,7 +112,7 @@ def pretrain_step(model: nn.Module, split: Split | None, optimizer: torch.optim.
         loss = pretrain_loss(model, split)
         if not torch.isfinite(loss):
             where = f"pretrain step {step}" if step is not None else "pretrain step"
-            raise NonFiniteLossError(f"{where}: loss is not finite; lower the pre-training rate")
+            raise NonFiniteLossError(f"{where}: loss is not finite; lower {rate_key}")
         targets = split.y_mask.sum().to(stats.dtype)
         (loss * targets).backward()
         stats[0], stats[1] = loss.detach() * targets, targets

@@ -650,8 +650,9 @@ class Experiment:
         finally:
             torch.set_num_threads(threads)
 
-    def _cpu_s(self, method: str, seed: int, phase: str = "train") -> float:
-        return sum(c["cpu_s"] for c in self.compute if c["method"] == method and c["seed"] == seed
+    def _spent(self, method: str, seed: int, phase: str = "train", key: str = "cpu_s") -> float:
+        """Seconds (``cpu_s`` or ``wall_s``) a method spent in one phase of one seed."""
+        return sum(c[key] for c in self.compute if c["method"] == method and c["seed"] == seed
                    and c["phase"] == phase)
 
     def _adapted(self, name: str, seed: int, theta: dict[str, torch.Tensor], steps: list[int],
@@ -669,9 +670,8 @@ class Experiment:
             learner = self.meta_train(seed, name, pre.state_dict() if warm else None)
             if warm:  # the pre-training this row started from is part of its compute
                 self.compute.append({"method": name, "seed": seed, "phase": "pre-train (warm start)", "shared": True,
-                                     "wall_s": next(c["wall_s"] for c in self.compute if c["method"] == "transfer"
-                                                    and c["seed"] == seed and c["phase"] == "train"),
-                                     "cpu_s": self._cpu_s("transfer", seed)})
+                                     "wall_s": self._spent("transfer", seed, key="wall_s"),
+                                     "cpu_s": self._spent("transfer", seed)})
             theta = _theta(learner.model)
             if learner.rates is not None:  # learned rates: nothing to choose
                 self.evaluate_path(name, seed, theta, learner.rates, "sgd", steps)
@@ -694,8 +694,8 @@ class Experiment:
                 self.evaluate_path("classical", seed, _theta(pre), 0.0, "sgd", [0], own_budget=True)
             self._meta_rows(seed, steps, pre)
             if "transfer_long" in methods:  # the same CPU time as Meta-LSTM's pre-training + meta-training
-                budget = self._cpu_s("maml", seed) + (self._cpu_s("transfer", seed) if cfg.warm_start else 0.0)
-                per_step = self._cpu_s("transfer", seed) / max(1, cfg.baselines.pretrain_steps)
+                budget = self._spent("maml", seed) + (self._spent("transfer", seed) if cfg.warm_start else 0.0)
+                per_step = self._spent("transfer", seed) / max(1, cfg.baselines.pretrain_steps)
                 long = self.pretrain(seed, max(1, math.ceil(budget / max(per_step, 1e-9))), "transfer_long")
                 self._adapted("transfer_long", seed, _theta(long), steps, list(cfg.baselines.finetune_lrs))
             if "scratch" in methods:

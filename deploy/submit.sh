@@ -12,10 +12,14 @@
 #   RAY_ADDRESS            the cluster's dashboard, default http://127.0.0.1:8265
 #   RAY_AUTH_TOKEN         the cluster's token (or RAY_AUTH_TOKEN_PATH, a file holding it, or ~/.ray/auth_token);
 #                          when one is found and RAY_AUTH_MODE is unset, token mode is switched on for the client
-#   MLFLOW_TRACKING_URI    copied into the job's runtime_env (the job then logs there)
+#   MLFLOW_TRACKING_URI    copied into the job's runtime_env (the job then logs there); must hold no password
 #   METALSTM_RUNTIME_ENV   the runtime_env file, default deploy/runtime_env.yaml
 #   PYTHON                 the interpreter that has ray installed, default python3
 # Exit status: that of `ray job submit` (0 = the job SUCCEEDED when waiting; 1 = it failed), 2 on a usage error.
+# Secrets: the runtime env goes to `ray job submit` in a private temporary file, never on its command line (which
+# every user of this machine can read); a URL with a password, in MLFLOW_TRACKING_URI or in the command, is
+# refused, since the dashboard shows a job's runtime_env and entrypoint. Give the cluster's nodes credentials
+# through their own environment (a Kubernetes Secret) instead.
 set -euo pipefail
 
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -48,20 +52,32 @@ if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" && ! -r "$RAY_AUTH_TOKEN_PATH" ]]; then
   die "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is not a readable file"
 fi
 
-# The runtime_env file plus MLFLOW_TRACKING_URI, as JSON (one of --runtime-env / --runtime-env-json may be given).
-runtime_env_json="$("$PYTHON" - "$runtime_env" <<'PY'
-import json, os, sys
+# The runtime_env file plus MLFLOW_TRACKING_URI, written as JSON (which is YAML) to a file only this user can read.
+runtime_env_file="$(mktemp "${TMPDIR:-/tmp}/metalstm-runtime-env.XXXXXX")"  # mktemp creates it with mode 600
+trap 'rm -f "$runtime_env_file"' EXIT
+"$PYTHON" - "$runtime_env" "$runtime_env_file" "$@" <<'PY' || exit 2
+import json, os, re, sys
 import yaml
-env = yaml.safe_load(open(sys.argv[1])) or {}
+source, target, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+env = yaml.safe_load(open(source)) or {}
 if not isinstance(env, dict):
-    sys.exit(f"submit.sh: error: {sys.argv[1]}: expected a mapping of runtime_env fields")
-if os.environ.get("MLFLOW_TRACKING_URI"):
-    env.setdefault("env_vars", {}).setdefault("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-print(json.dumps(env))
+    sys.exit(f"submit.sh: error: {source}: expected a mapping of runtime_env fields")
+password = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.I)  # scheme://user:password@host
+uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+for what, text in [("MLFLOW_TRACKING_URI", uri), *(("the command's argument", a) for a in argv)]:
+    if password.search(text):
+        sys.exit(f"submit.sh: error: {what} holds a URL with a password, which the Ray dashboard would show; "
+                 "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or other credentials) in the cluster "
+                 "nodes' environment instead")
+if uri:
+    env.setdefault("env_vars", {}).setdefault("MLFLOW_TRACKING_URI", uri)
+with open(target, "w") as f:
+    json.dump(env, f)
 PY
-)"
 
 cd "$repo"
 echo "submit.sh: submitting 'metalstm $*' to $RAY_ADDRESS (auth: ${RAY_AUTH_MODE:-disabled})" >&2
-exec ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env-json "$runtime_env_json" \
-  ${submit_opts[@]+"${submit_opts[@]}"} -- python -m pipeline.cli "$@"
+status=0
+ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env "$runtime_env_file" \
+  ${submit_opts[@]+"${submit_opts[@]}"} -- python -m pipeline.cli "$@" || status=$?
+exit "$status"

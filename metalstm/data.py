@@ -120,3 +120,13 @@ def collate(tasks: Sequence[Mapping[str, Any]]) -> TaskBatch:
             y_mask = y_mask.unsqueeze(-1).expand_as(y).contiguous()
         splits.append(Split(x=x, y=y, x_mask=x_mask, y_mask=y_mask))
     return TaskBatch(support=splits[0], query=splits[1])
+
+
+def sentence_pieces(ids: list[int], max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(x, y)`` pieces of one sentence: ``x = [BOS] + ids``, ``y = ids + [EOS]``, cut every ``max_len`` steps.
+
+    The PTB store builder and serving cut text alike through this one function.
+    """
+    x = np.asarray([BOS, *ids], np.int32)
+    y = np.asarray([*ids, EOS], np.int32)
+    return [(x[i : i + max_len], y[i : i + max_len]) for i in range(0, len(x), max_len)]

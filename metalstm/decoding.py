@@ -17,21 +17,13 @@ from metalstm.models import CharLM, MetaModel, Params
 @torch.no_grad()
 def predict(model: MetaModel, params: Params, x: Tensor, x_mask: Tensor, *, max_len: int = 0,
             beam: int = 1) -> Tensor:
-    """What each family predicts for query inputs ``x [T, N, ...]``: the one dispatch on the model family.
+    """What the model's family predicts for query inputs ``x [T, N, ...]``, without building a graph.
 
     regression, forecast: values ``[T, N, O]``; lm: next-token logits at every position ``[T, N, L, V]``;
     mt: translations ``[T, N, ≤max_len]`` (greedy, or beam search with ``beam > 1``; ``max_len`` 0 means
-    twice the source length + 10).
+    twice the source length + 10). Each model class says how (:meth:`MetaModel.predict`).
     """
-    if model.family == "regression":
-        return model(params, x)
-    if model.family == "forecast":
-        return model(params, x, x_mask)
-    if model.family == "lm":
-        return model(params, x, x_mask)[0]
-    if model.family == "mt":
-        return model.translate(params, x, x_mask, max_len if max_len > 0 else 2 * x.shape[-1] + 10, beam)
-    raise ValueError(f"model family: expected regression, forecast, lm or mt, got {model.family!r}")
+    return model.predict(params, x, x_mask, max_len=max_len, beam=beam)
 
 
 @torch.no_grad()

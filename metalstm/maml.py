@@ -20,7 +20,15 @@ from metalstm.models import MetaModel, batched
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The support loss became NaN or inf during adaptation (rates too high, or bad data)."""
+    """The support loss became NaN or inf during adaptation (rates too high, or bad data).
+
+    ``inner_step`` is the step whose loss it was (None when unknown): at step 0 θ itself gives a non-finite loss
+    (θ diverged, or the data is bad), later the inner loop blew up (the inner rate); callers name the setting.
+    """
+
+    def __init__(self, message: str, inner_step: int | None = None) -> None:
+        super().__init__(message)
+        self.inner_step = inner_step
 
 
 class InnerRates(nn.Module):
@@ -61,10 +69,10 @@ def inner_loop(
         loss = model.task_loss(params, support)
         if not bool(torch.isfinite(loss).all()):
             bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
+            hint = ("lower maml.inner_lr or check the support data for NaN/inf" if k else "at θ, before any "
+                    "adaptation step (not the inner rate): check the support data for NaN/inf, or θ has diverged")
             raise NonFiniteLossError(
-                f"inner step {k}: support loss is not finite for task(s) {bad[:10]}; "
-                "lower maml.inner_lr or check the support data for NaN/inf"
-            )
+                f"inner step {k}: support loss is not finite for task(s) {bad[:10]}; {hint}", inner_step=k)
         curve.append(loss.detach())
         second_order = create_graph and not first_order
         grads = torch.autograd.grad(loss.sum(), list(params.values()), create_graph=second_order, allow_unused=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -78,9 +80,21 @@ class RNN(nn.Module):
 
 
 class MetaModel(nn.Module):
-    """Base class: a family's network, loss and metrics as functions of fast weights."""
+    """Base class: a family's network, loss and metrics as functions of fast weights.
 
+    Each subclass also carries its family's facts, so that training, the registry, serving and the experiment
+    ask the model instead of keeping tables: ``kind`` (its ``model.kind`` in configs, checkpoints and store
+    manifests), ``family``, ``primary_metric`` (lower is better after adaptation; selection and promotion
+    compare exactly this), how it predicts, and how a prediction becomes JSON rows.
+    """
+
+    kind: str = ""
     family: str = ""
+    primary_metric: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MetaModel:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def check(self, split: Split, name: str) -> None:  # pragma: no cover - overridden
         pass
@@ -91,18 +105,39 @@ class MetaModel(nn.Module):
     def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def predict(self, params: Params, x: Tensor, x_mask: Tensor, *, max_len: int = 0, beam: int = 1) -> Tensor:
+        """What the family predicts for query inputs ``x [T, N, ...]`` (values, logits or token ids)."""
+        return self(params, x, x_mask)
+
+    def placeholder_targets(self, query_x: list) -> list[np.ndarray]:
+        """Query targets the collate layout needs when only inputs are known (prediction never reads them)."""
+        raise NotImplementedError
+
+    def prediction_rows(self, pred: Tensor, x_mask: Tensor, output: str = "argmax") -> list[list]:
+        """One task's ``predict`` output ``[N, ...]`` as JSON-ready rows (``output`` matters to token models)."""
+        return pred.tolist()
+
+    @classmethod
+    def example_task(cls, cfg: ModelConfig, rng: np.random.Generator) -> dict[str, Any]:
+        """A tiny valid task (``support_x``, ``support_y``, ``query_x``) for a model of this config."""
+        raise NotImplementedError
+
 
 class MLP(MetaModel):
     """A ReLU MLP on ``x [T, N, F]`` → ``[T, N, O]`` (the canonical sinusoid-regression network)."""
 
-    family = "regression"
+    kind, family, primary_metric = "mlp", "regression", "mse"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MLP:
+        return cls([cfg.input_size, *cfg.mlp_hidden, cfg.output_size])
 
     def __init__(self, sizes: list[int]) -> None:
         super().__init__()
         self.sizes = list(sizes)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
-    def forward(self, params: Params, x: Tensor) -> Tensor:
+    def forward(self, params: Params, x: Tensor, x_mask: Tensor | None = None) -> Tensor:
         for k in range(len(self.layers)):
             x = linear(x, params[f"layers.{k}.weight"], params[f"layers.{k}.bias"])
             if k < len(self.layers) - 1:
@@ -119,6 +154,15 @@ class MLP(MetaModel):
 
     def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
         return {"mse": self.task_loss(params, split)}
+
+    def placeholder_targets(self, query_x: list) -> list[np.ndarray]:
+        return [np.zeros(self.sizes[-1], np.float32)] * len(query_x)
+
+    @classmethod
+    def example_task(cls, cfg: ModelConfig, rng: np.random.Generator) -> dict[str, Any]:
+        x = rng.uniform(-5, 5, size=(5, cfg.input_size)).round(3).tolist()
+        y = rng.normal(size=(3, cfg.output_size)).round(3).tolist()
+        return {"support_x": x[:3], "support_y": y, "query_x": x[3:]}
 
 
 def seasonal_naive(x: Tensor, x_mask: Tensor, horizon: int, season: int) -> Tensor:
@@ -147,8 +191,13 @@ class Forecaster(MetaModel):
     ``loss="l1"`` trains on the mean absolute error of the scaled values, which ranks forecasts as ND does.
     """
 
-    family = "forecast"
+    kind, family, primary_metric = "forecaster", "forecast", "mse"
     LOSSES = ("mse", "l1")
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Forecaster:
+        return cls(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.cell,
+                   base_season=cfg.base_season, loss=cfg.loss)
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, horizon: int, cell: str = "lstm",
                  base_season: int = 0, loss: str = "mse"):
@@ -191,11 +240,24 @@ class Forecaster(MetaModel):
             "nrmse": losses.nrmse(pred, split.y, split.y_mask),
         }
 
+    def placeholder_targets(self, query_x: list) -> list[np.ndarray]:
+        return [np.zeros(self.horizon, np.float32)] * len(query_x)
+
+    @classmethod
+    def example_task(cls, cfg: ModelConfig, rng: np.random.Generator) -> dict[str, Any]:
+        x = rng.normal(size=(3, 8, cfg.input_size)).round(3).tolist()
+        y = rng.normal(size=(2, cfg.horizon)).round(3).tolist()
+        return {"support_x": x[:2], "support_y": y, "query_x": x[2:]}
+
 
 class CharLM(MetaModel):
     """Tokens ``[T, N, L]`` → next-token logits ``[T, N, L, V]``."""
 
-    family = "lm"
+    kind, family, primary_metric = "char_lm", "lm", "bpc"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> CharLM:
+        return cls(cfg.vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers, cfg.cell)
 
     def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, cell: str = "lstm"):
         super().__init__()
@@ -225,6 +287,24 @@ class CharLM(MetaModel):
         nll = self.task_loss(params, split)
         return {"nll": nll, "bpc": losses.bits_per_character(nll)}
 
+    def predict(self, params: Params, x: Tensor, x_mask: Tensor, *, max_len: int = 0, beam: int = 1) -> Tensor:
+        """Next-token logits at every position ``[T, N, L, V]``."""
+        return self(params, x, x_mask)[0]
+
+    def placeholder_targets(self, query_x: list) -> list[np.ndarray]:
+        return [np.zeros(len(x), np.int64) for x in query_x]
+
+    def prediction_rows(self, pred: Tensor, x_mask: Tensor, output: str = "argmax") -> list[list]:
+        """Per real position: the next-token id (``argmax``) or the log-probabilities (``logprobs``)."""
+        pred = torch.log_softmax(pred, -1) if output == "logprobs" else pred.argmax(-1)
+        return [pred[n, : int(x_mask[n].sum())].tolist() for n in range(pred.shape[0])]
+
+    @classmethod
+    def example_task(cls, cfg: ModelConfig, rng: np.random.Generator) -> dict[str, Any]:
+        seqs = rng.integers(4, max(cfg.vocab_size, 5), size=(3, 9)).tolist()
+        return {"support_x": [s[:-1] for s in seqs[:2]], "support_y": [s[1:] for s in seqs[:2]],
+                "query_x": [seqs[2][:-1]]}
+
 
 class Seq2Seq(MetaModel):
     """Encoder-decoder with (Luong, dot-product) attention: source ``[T, N, S]`` → target ``[T, N, L]``.
@@ -233,7 +313,12 @@ class Seq2Seq(MetaModel):
     then attends over the encoder outputs; padding is masked out of the attention and the loss.
     """
 
-    family = "mt"
+    kind, family, primary_metric = "seq2seq", "mt", "nll"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Seq2Seq:
+        return cls(cfg.vocab_size, cfg.tgt_vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
+                   cfg.cell)
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_size: int, hidden_size: int,
                  num_layers: int, cell: str = "lstm"):
@@ -282,6 +367,24 @@ class Seq2Seq(MetaModel):
     def metrics(self, params: Params, split: Split) -> dict[str, Tensor]:
         return {"nll": self.task_loss(params, split)}
 
+    def predict(self, params: Params, x: Tensor, x_mask: Tensor, *, max_len: int = 0, beam: int = 1) -> Tensor:
+        """Translations ``[T, N, ≤max_len]`` (greedy, or beam search; ``max_len`` 0 = 2 × source + 10)."""
+        return self.translate(params, x, x_mask, max_len if max_len > 0 else 2 * x.shape[-1] + 10, beam)
+
+    def placeholder_targets(self, query_x: list) -> list[np.ndarray]:
+        return [np.array([EOS], np.int64)] * len(query_x)
+
+    def prediction_rows(self, pred: Tensor, x_mask: Tensor, output: str = "argmax") -> list[list]:
+        """Each translation's token ids up to, not including, its EOS."""
+        rows = [ids.tolist() for ids in pred]
+        return [ids[: ids.index(EOS)] if EOS in ids else ids for ids in rows]
+
+    @classmethod
+    def example_task(cls, cfg: ModelConfig, rng: np.random.Generator) -> dict[str, Any]:
+        src = rng.integers(4, max(cfg.vocab_size, 5), size=(3, 6)).tolist()
+        tgt = rng.integers(4, max(cfg.tgt_vocab_size, 5), size=(2, 5)).tolist()
+        return {"support_x": src[:2], "support_y": [t + [EOS] for t in tgt], "query_x": src[2:]}
+
     @torch.no_grad()
     def translate(self, params: Params, src: Tensor, src_mask: Tensor, max_len: int, beam: int = 1) -> Tensor:
         """Decode ``[T, N, ≤max_len]`` token ids (EOS then PAD after the end); greedy when ``beam == 1``."""
@@ -324,16 +427,16 @@ class Seq2Seq(MetaModel):
         return out
 
 
+MODEL_KINDS: dict[str, type[MetaModel]] = {cls.kind: cls for cls in (MLP, Forecaster, CharLM, Seq2Seq)}
+
+
+def model_class(kind: str) -> type[MetaModel]:
+    """The model class for a ``model.kind`` (from a config, a checkpoint or a store manifest)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind: expected one of {', '.join(MODEL_KINDS)}; got {kind!r}")
+    return MODEL_KINDS[kind]
+
+
 def build_model(cfg: ModelConfig) -> MetaModel:
     """The one place a model is built from its config (training, checkpoints and serving use it)."""
-    if cfg.kind == "mlp":
-        return MLP([cfg.input_size, *cfg.mlp_hidden, cfg.output_size])
-    if cfg.kind == "forecaster":
-        return Forecaster(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.cell,
-                          base_season=cfg.base_season, loss=cfg.loss)
-    if cfg.kind == "char_lm":
-        return CharLM(cfg.vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers, cfg.cell)
-    if cfg.kind == "seq2seq":
-        return Seq2Seq(cfg.vocab_size, cfg.tgt_vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
-                       cfg.cell)
-    raise ValueError(f"model.kind: expected one of mlp, forecaster, char_lm, seq2seq; got {cfg.kind!r}")
+    return model_class(cfg.kind).from_config(cfg)

@@ -11,25 +11,24 @@ import importlib
 import logging
 import sys
 
+from pipeline.errors import UserError
+
 COMMANDS = {
-    "demo": ("pipeline.demo", "the whole system end to end on this machine: train, register, serve, adapt"),
-    "tasks": ("pipeline.tasks_cli", "build and inspect Parquet task stores"),
-    "train": ("pipeline.train", "meta-train on Ray Train, log and register the model in MLflow"),
-    "evaluate": ("pipeline.registry", "evaluate a registered model on held-out tasks"),
-    "promote": ("pipeline.registry", "move a registry alias (@champion) to a version that evaluates better"),
-    "rollback": ("pipeline.registry", "move an alias back to its previous holder"),
-    "serve": ("pipeline.serve", "serve adaptation over HTTP with Ray Serve"),
-    "ui": ("pipeline.ui", "open the MLflow UI on the store this project's runs went to"),
+    "demo": ("pipeline.demo.command", "the whole system end to end on this machine: train, register, serve, adapt"),
+    "tasks": ("pipeline.tasks.command", "build and inspect Parquet task stores"),
+    "train": ("pipeline.training.command", "meta-train on Ray Train, log and register the model in MLflow"),
+    "evaluate": ("pipeline.tracking.registry", "evaluate a registered model on held-out tasks"),
+    "promote": ("pipeline.tracking.registry", "move a registry alias (@champion) to a version that evaluates better"),
+    "rollback": ("pipeline.tracking.registry", "move an alias back to its previous holder"),
+    "register": ("pipeline.tracking.register", "log and register a checkpoint a run kept because MLflow was down"),
+    "serve": ("pipeline.serving.command", "serve adaptation over HTTP with Ray Serve"),
+    "ui": ("pipeline.tracking.ui", "open the MLflow UI on the store this project's runs went to"),
     "experiment": ("pipeline.experiment", "few-shot comparison against conventional LSTMs and classical baselines"),
-    "bench": ("pipeline.bench", "benchmarks that print JSON"),
+    "bench": ("pipeline.bench.command", "benchmarks that print JSON"),
 }
 
 
 KEY_VALUE_LISTS = ("options", "overrides")  # the names commands give their ``key=value`` positional
-
-
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its message without a traceback and exits 2."""
 
 
 def build_parser(chosen: str | None = None, *, every_command: bool = False) -> argparse.ArgumentParser:

@@ -13,9 +13,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metalstm.config import MAMLConfig, ModelConfig
-
-FAMILY_MODELS = {"synthetic": ("forecaster", "mlp"), "electricity": ("forecaster",), "ptb-char": ("char_lm",),
-                 "mt-en-de": ("seq2seq",)}
+from metalstm.models import MODEL_KINDS
+from pipeline.tasks.store import store_model_kind
 
 
 @dataclass
@@ -86,8 +85,17 @@ class TrackingConfig:
 @dataclass
 class CheckpointConfig:
     storage_path: str = ""  # where Ray Train persists runs; empty: ./.metalstm/runs
-    num_to_keep: int = 3
+    num_to_keep: int = 3  # the best checkpoints by val_loss (the newest when nothing is validated) + the newest
     warm_start: str = ""  # a checkpoint file to initialise θ from (not resumed: step and optimiser start fresh)
+
+
+@dataclass
+class DivergenceConfig:
+    """What a non-finite loss or gradient does (docs/training.md, "Divergence"): never an optimiser step."""
+
+    on_nonfinite: str = "skip"  # skip: skip the step on every worker | stop: stop the run (exit non-zero)
+    max_skipped_steps: int = 10  # consecutive skipped steps after which the run stops anyway
+    val_explode_factor: float = 1e6  # warn when val_loss > this x the reference (docs/training.md); 0 = never
 
 
 @dataclass
@@ -103,6 +111,7 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
 
 
 def check(cond: bool, key: str, message: str, value: Any) -> None:
@@ -113,8 +122,7 @@ def check(cond: bool, key: str, message: str, value: Any) -> None:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Value checks OmegaConf's types cannot express."""
     check(cfg.dtype in ("float32", "float64"), "dtype", "expected float32 or float64", cfg.dtype)
-    check(cfg.model.kind in ("mlp", "forecaster", "char_lm", "seq2seq"), "model.kind",
-           "expected mlp, forecaster, char_lm or seq2seq", cfg.model.kind)
+    check(cfg.model.kind in MODEL_KINDS, "model.kind", f"expected one of {', '.join(MODEL_KINDS)}", cfg.model.kind)
     check(cfg.model.cell in ("lstm", "gru"), "model.cell", "expected lstm or gru", cfg.model.cell)
     check(cfg.model.loss in ("mse", "l1"), "model.loss", "expected mse or l1", cfg.model.loss)
     check(cfg.model.base_season >= 0, "model.base_season", "must be >= 0 (0 = no seasonal-naive base)",
@@ -134,6 +142,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0", cfg.scaling.cpus_per_worker)
     check(cfg.maml.inner_steps >= 0, "maml.inner_steps", "must be >= 0", cfg.maml.inner_steps)
     check(cfg.maml.inner_lr > 0, "maml.inner_lr", "must be > 0", cfg.maml.inner_lr)
+    check(cfg.divergence.on_nonfinite in ("skip", "stop"), "divergence.on_nonfinite", "expected skip or stop",
+          cfg.divergence.on_nonfinite)
+    check(cfg.divergence.max_skipped_steps >= 1, "divergence.max_skipped_steps", "must be >= 1",
+          cfg.divergence.max_skipped_steps)
+    check(cfg.divergence.val_explode_factor == 0 or cfg.divergence.val_explode_factor > 1,
+          "divergence.val_explode_factor", "must be > 1 (0 = no warning)", cfg.divergence.val_explode_factor)
     check(cfg.data.synthetic.layout in ("sequence", "points"), "data.synthetic.layout",
            "expected sequence or points", cfg.data.synthetic.layout)
     check(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'", cfg.name)
@@ -166,17 +180,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any], prefix: str = "") -> None:
-    """The task store decides the data dimensions (and the model kind its family needs); the config the rest."""
-    family = manifest["family"]
-    allowed = FAMILY_MODELS.get(family, ())
+    """The task store decides the model kind (its manifest's ``model_kind``) and the data dimensions; the config
+    the rest."""
+    kind = store_model_kind(manifest)
+    check(kind in MODEL_KINDS, f"{prefix}model.kind", f"the {manifest['family']!r} store's model_kind is not one of "
+          f"{', '.join(MODEL_KINDS)}", kind)
+    cfg.model.kind = kind
     features = manifest.get("features", {})
-    if family == "synthetic":
-        cfg.model.kind = "mlp" if features.get("layout") == "points" else "forecaster"
-    if cfg.model.kind not in allowed:
-        if len(allowed) != 1:
-            raise ValueError(f"config key {prefix}model.kind: {cfg.model.kind!r} cannot train on a {family!r} "
-                             f"store (expected one of {list(allowed)})")
-        cfg.model.kind = allowed[0]
     for key in STORE_DIMENSIONS:
         if key in features:
             setattr(cfg.model, key, int(features[key]))

@@ -32,7 +32,7 @@ import shlex
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,13 @@ from metalstm.baselines import (
     t_interval,
 )
 from metalstm.data import Split, TaskBatch, collate
-from metalstm.decoding import predict
 from metalstm.maml import MetaLearner, NonFiniteLossError
-from metalstm.models import build_model
+from metalstm.models import MetaModel, build_model, model_class
 from metalstm.runtime import retain_freed_memory
 from metalstm.training import meta_train
 from pipeline.config import TrainConfig, apply_manifest, check, load_structured
 from pipeline.config import validate as validate_train
+from pipeline.tasks.builders import BUILDERS, builder_module, options_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,14 @@ LABELS = {"maml": "Meta-LSTM (MAML)", "maml_cold": "MAML, cold start", "mamlpp":
           "classical": "classical"}
 META = {"maml": {}, "maml_cold": {}, "mamlpp": {"learn_inner_lr": True, "multi_step_loss": True},
         "fomaml": {"first_order": True}}  # the meta-learned rows: their MAML settings over train.maml
-# what a row is called in the literature of one family: fine-tuning a character LM on the text it is about to
-# predict is dynamic evaluation (Krause et al. 2018), the anchor any adaptive character LM must beat
-FAMILY_LABELS = {"ptb-char": {"transfer": "transfer + dynamic evaluation (Krause et al. 2018)",
-                              "transfer_long": "transfer + dynamic evaluation, Meta-LSTM's compute"}}
+# what a row is called in the literature of a model family (``MetaModel.family``): fine-tuning a character LM on
+# the text it is about to predict is dynamic evaluation (Krause et al. 2018), the anchor any adaptive LM must beat
+FAMILY_LABELS = {"lm": {"transfer": "transfer + dynamic evaluation (Krause et al. 2018)",
+                        "transfer_long": "transfer + dynamic evaluation, Meta-LSTM's compute"}}
 ADAPTED = ("maml", "maml_cold", "mamlpp", "fomaml", "transfer", "transfer_long")  # follow the k sweep
-CLASSICAL = {"electricity": "seasonal naive (previous day)", "synthetic": "seasonal naive",
-             "ptb-char": "Kneser-Ney char n-gram", "mt-en-de": "transfer, no fine-tuning"}
-# the metrics reported per family (lower is better except BLEU/chrF); the first is the headline metric
-FAMILY_METRICS = {"synthetic": ["mse"], "electricity": ["nd", "nrmse", "mse"], "ptb-char": ["bpc"],
-                  "mt-en-de": ["bleu", "chrf", "nll"]}
+# the classical row per model family: seasonal naive forecasts, a Kneser-Ney n-gram fit on the training text, and
+# for translation (no classical system in reach) the transfer model without fine-tuning; regression has none
+CLASSICAL = {"forecast": "seasonal naive", "lm": "Kneser-Ney char n-gram", "mt": "transfer, no fine-tuning"}
 HIGHER_IS_BETTER = {"bleu", "chrf"}
 
 
@@ -90,7 +88,8 @@ HIGHER_IS_BETTER = {"bleu", "chrf"}
 class StoreSpec:
     uri: str = ""  # an existing task store; empty: build it with the builder below into cache_dir (once)
     family: str = "synthetic"  # builder: synthetic | electricity | ptb-char | mt-en-de
-    args: list[str] = field(default_factory=list)  # options as for `metalstm tasks build FAMILY ...`
+    # the builder's options dataclass fields (pipeline/tasks/builders/), e.g. {source: PATH, window: 72}
+    options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = ".metalstm/data"
 
 
@@ -171,8 +170,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check(len(v) > 0 and all(x > 0 for x in v), f"baselines.{key}", "need a non-empty list of rates > 0", v)
     check(len(b.ngram_orders) > 0 and all(1 <= n <= 12 for n in b.ngram_orders), "baselines.ngram_orders",
            "need orders in [1, 12]", b.ngram_orders)
-    check(bool(cfg.store.uri) or cfg.store.family in FAMILY_METRICS, "store.family",
-           f"expected one of {list(FAMILY_METRICS)}", cfg.store.family)
+    check(bool(cfg.store.uri) or cfg.store.family in BUILDERS, "store.family", f"expected one of {list(BUILDERS)}",
+          cfg.store.family)
+    if not cfg.store.uri:
+        options_from_mapping(cfg.store.family, cfg.store.options, "store.options")  # a typo fails now, not after hours
     return cfg
 
 
@@ -189,16 +190,16 @@ def _config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def prepare_store(spec: StoreSpec) -> str:
-    """The store URI: ``spec.uri``, else the builder's output cached under ``cache_dir`` by its options' hash."""
+    """The store URI: ``spec.uri``, else the builder's output cached under ``cache_dir`` by a hash of its options
+    (every field, defaults included, so a changed default builds a new store)."""
     if spec.uri:
         return spec.uri
-    from pipeline.tasks_cli import run_build
-
-    key = hashlib.sha256(json.dumps([spec.family, list(spec.args)]).encode()).hexdigest()[:12]
-    uri = str(Path(spec.cache_dir).resolve() / f"{spec.family}-{key}")
+    options = options_from_mapping(spec.family, spec.options, "store.options")
+    text = json.dumps([spec.family, asdict(options)], sort_keys=True, default=str)
+    uri = str(Path(spec.cache_dir).resolve() / f"{spec.family}-{hashlib.sha256(text.encode()).hexdigest()[:12]}")
     if not (Path(uri) / "manifest.json").exists():
-        log.info("building the %s task store at %s (%s)", spec.family, uri, " ".join(spec.args))
-        run_build(spec.family, ["--out", uri, "--overwrite", *spec.args])
+        log.info("building the %s task store at %s (%s)", spec.family, uri, options)
+        builder_module(spec.family).build(options, uri, overwrite=True)
     return uri
 
 
@@ -230,14 +231,25 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-class Evaluator:
-    """Family-specific query metrics of fast weights, per task (plus pooled forecasting errors)."""
+def reported_metrics(model: MetaModel | type[MetaModel], pooled: bool) -> list[str]:
+    """The report's metrics, headline first (lower is better except BLEU/chrF): the model's primary metric, after
+    BLEU and chrF for translations (what MT reports; NLL scores no decoding) and after ND and NRMSE for forecasts
+    of a store that keeps each task's scale (``pooled``: errors in original units, what load forecasting reports)."""
+    if model.family == "mt":
+        return ["bleu", "chrf", model.primary_metric]
+    return ["nd", "nrmse", model.primary_metric] if pooled else [model.primary_metric]
 
-    def __init__(self, cfg: ExperimentConfig, family: str, manifest: dict, model: Any, dtype: torch.dtype) -> None:
-        self.cfg, self.family, self.model, self.dtype = cfg, family, model, dtype
-        self.metrics = FAMILY_METRICS[family]
+
+class Evaluator:
+    """Query metrics of fast weights per task (the model's own, plus BLEU/chrF of translations), and the forecasts
+    the pooled errors need."""
+
+    def __init__(self, cfg: ExperimentConfig, manifest: dict, model: MetaModel, dtype: torch.dtype) -> None:
+        self.cfg, self.model, self.dtype = cfg, model, dtype
+        self.pooled = model.family == "forecast" and "scale" in manifest["schema"]["extras"]
+        self.metrics = reported_metrics(model, self.pooled)
         self.tgt_vocab = None
-        if family == "mt-en-de":
+        if model.family == "mt":
             from metalstm.vocab import Vocab
 
             vocab = manifest.get("vocab") or {}
@@ -250,25 +262,18 @@ class Evaluator:
 
     @torch.no_grad()
     def query_metrics(self, fast: dict[str, torch.Tensor], batch: TaskBatch) -> tuple[dict[str, list[float]], Any]:
-        """Per-task metrics (lists over the batch's tasks) and, for forecasts, the predictions."""
+        """Per-task metrics (lists over the batch's tasks) and, for pooled forecasts, the predictions."""
         q = batch.query
-        m = self.model.metrics(fast, q)
         out = {"loss": self.model.task_loss(fast, q).tolist()}
-        pred = None
-        if self.family in ("synthetic", "electricity"):  # forecaster, or the points-layout MLP (mse only)
-            pred = predict(self.model, fast, q.x, q.x_mask) if self.model.family == "forecast" else None
-            out.update({k: m[k].tolist() for k in ("mse", "nd", "nrmse") if k in m})
-        elif self.family == "ptb-char":
-            out["bpc"] = m["bpc"].tolist()
-        elif self.family == "mt-en-de":
-            out["nll"] = m["nll"].tolist()
+        out.update({k: v.tolist() for k, v in self.model.metrics(fast, q).items()})
+        if self.tgt_vocab is not None:
             out.update(self.text_metrics(fast, q))
-        return out, pred
+        return out, self.model.predict(fast, q.x, q.x_mask) if self.pooled else None
 
     def text_metrics(self, fast: dict[str, torch.Tensor], q: Split) -> dict[str, list[float]]:
         import sacrebleu
 
-        hyp = predict(self.model, fast, q.x, q.x_mask, max_len=self.cfg.max_len, beam=self.cfg.beam)
+        hyp = self.model.predict(fast, q.x, q.x_mask, max_len=self.cfg.max_len, beam=self.cfg.beam)
         bleu, chrf = [], []
         for t in range(q.x.shape[0]):
             rows = [n for n in range(q.y.shape[1]) if q.y_mask[t, n].sum() > 0]
@@ -282,9 +287,7 @@ class Evaluator:
         """The record of a task whose adaptation diverged: infinite errors, zero BLEU/chrF."""
         t = batch.query.x.shape[0]
         out = {m: [0.0 if m in HIGHER_IS_BETTER else float("inf")] * t for m in ["loss", *self.metrics]}
-        pred = None
-        if self.model.family == "forecast":
-            pred = torch.full_like(batch.query.y, float("inf"))
+        pred = torch.full_like(batch.query.y, float("inf")) if self.pooled else None
         return out, pred
 
     def mean_loss(self, fast_of: Any, tasks: Sequence[dict]) -> float:
@@ -429,7 +432,7 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        from pipeline.taskstore import read_manifest, read_tasks
+        from pipeline.tasks.store import read_manifest, read_tasks
 
         self.uri = prepare_store(cfg.store)
         self.manifest = read_manifest(self.uri)
@@ -451,7 +454,10 @@ class Experiment:
         self.selected: list[dict] = []
         self.curves: dict[str, list[dict]] = {}
         self.model = build_model(cfg.train.model).to(cfg.device, self.dtype)
-        self.ev = Evaluator(cfg, self.family, self.manifest, self.model, self.dtype)
+        if "classical" in cfg.methods and self.model.family not in CLASSICAL:
+            raise ValueError(f"config key methods: no classical baseline for a {self.model.kind} model; drop "
+                             f"'classical'")
+        self.ev = Evaluator(cfg, self.manifest, self.model, self.dtype)
         self.metrics = self.ev.metrics
 
     # -- training
@@ -598,21 +604,12 @@ class Experiment:
         yield part, b, path
 
     def classical(self, seed: int) -> None:
+        """The classical row of forecasts (seasonal naive) and character LMs (a Kneser-Ney n-gram); translation's
+        is the transfer model without fine-tuning, recorded with the transfer row (see :meth:`_run`)."""
         t0, c0 = time.perf_counter(), time.process_time()
-        if self.family in ("synthetic", "electricity"):
-            season = self.cfg.baselines.season
-            for shots in self.cfg.shots:  # the naive forecast ignores the support set: same for every K
-                tasks = kshot(self.test_tasks, shots, seed)
-                for part in chunks(tasks, self.cfg.eval_batch):
-                    b = self.ev.batch(part)
-                    q = b.query
-                    pred = seasonal_naive(q.x, q.x_mask, q.y.shape[-1], season)
-                    metrics = {"loss": losses.masked_mse(pred, q.y, q.y_mask).tolist(),
-                               "mse": losses.masked_mse(pred, q.y, q.y_mask).tolist(),
-                               "nd": losses.normalized_deviation(pred, q.y, q.y_mask).tolist(),
-                               "nrmse": losses.nrmse(pred, q.y, q.y_mask).tolist()}
-                    self.rec.add(seed, "classical", shots, None, part, metrics, pred, b)
-        elif self.family == "ptb-char":
+        if self.model.family == "forecast":
+            self._seasonal_naive(seed)
+        else:
             if seed == self.cfg.seeds[0]:
                 self._fit_ngram()
             for shots in self.cfg.shots:
@@ -620,10 +617,22 @@ class Experiment:
                     bpc = self.ngram.bits_per_token(zip(t["query_x"], t["query_y"]))
                     self.rec.add(seed, "classical", shots, None, [t], {"bpc": [bpc], "loss": [bpc * math.log(2)]},
                                  None, None)
-        elif self.family == "mt-en-de":
-            return  # the classical MT baseline is the transfer model at k = 0, recorded by evaluate_path
         self.compute.append({"method": "classical", "seed": seed, "phase": "fit + test metrics",
                              "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+
+    def _seasonal_naive(self, seed: int) -> None:
+        season = self.cfg.baselines.season
+        for shots in self.cfg.shots:  # the naive forecast ignores the support set: same for every K
+            tasks = kshot(self.test_tasks, shots, seed)
+            for part in chunks(tasks, self.cfg.eval_batch):
+                b = self.ev.batch(part)
+                q = b.query
+                pred = seasonal_naive(q.x, q.x_mask, q.y.shape[-1], season)
+                metrics = {"loss": losses.masked_mse(pred, q.y, q.y_mask).tolist(),
+                           "mse": losses.masked_mse(pred, q.y, q.y_mask).tolist(),
+                           "nd": losses.normalized_deviation(pred, q.y, q.y_mask).tolist(),
+                           "nrmse": losses.nrmse(pred, q.y, q.y_mask).tolist()}
+                self.rec.add(seed, "classical", shots, None, part, metrics, pred, b)
 
     def _fit_ngram(self) -> None:
         vocab = int(self.cfg.train.model.vocab_size)
@@ -683,14 +692,14 @@ class Experiment:
         cfg, methods = self.cfg, self.cfg.methods
         steps = sorted(set(cfg.steps))
         warm = cfg.warm_start and any(m in methods for m in ("maml", "mamlpp", "fomaml"))
-        need_pre = warm or bool({"transfer", "transfer_long"} & set(methods)) or (
-            "classical" in methods and self.family == "mt-en-de")
+        classical_is_transfer = "classical" in methods and self.model.family == "mt"  # see CLASSICAL
+        need_pre = warm or bool({"transfer", "transfer_long"} & set(methods)) or classical_is_transfer
         for seed in cfg.seeds:
             log.info("=== seed %d ===", seed)
             pre = self.pretrain(seed, cfg.baselines.pretrain_steps) if need_pre else None
             if "transfer" in methods:
                 self._adapted("transfer", seed, _theta(pre), steps, list(cfg.baselines.finetune_lrs))
-            if "classical" in methods and self.family == "mt-en-de":
+            if classical_is_transfer:
                 self.evaluate_path("classical", seed, _theta(pre), 0.0, "sgd", [0], own_budget=True)
             self._meta_rows(seed, steps, pre)
             if "transfer_long" in methods:  # the same CPU time as Meta-LSTM's pre-training + meta-training
@@ -704,9 +713,19 @@ class Experiment:
                 n = cfg.baselines.scratch_steps
                 rates = self.select_rate("scratch", init, list(cfg.baselines.scratch_lrs), "adam", [n], seed)
                 self.evaluate_path("scratch", seed, init, None, "adam", [n], rates, own_budget=True)
-            if "classical" in methods:
+            if "classical" in methods and not classical_is_transfer:
                 self.classical(seed)
         return self.results()
+
+    def _classical_label(self) -> str:
+        """The classical row's name in the report, with what makes it concrete (the season, the n-gram order)."""
+        label = CLASSICAL.get(self.model.family, "classical")
+        step = self.manifest["features"].get("frequency_seconds")
+        if self.model.family == "forecast" and step and step * self.cfg.baselines.season == 86400:
+            label += " (previous day)"
+        if hasattr(self, "ngram_order"):
+            label += f" (order {self.ngram_order}, chosen on val)"
+        return label
 
     def results(self) -> dict[str, Any]:
         return aggregate({"name": self.cfg.name, "title": self.cfg.title or self.cfg.name, "family": self.family,
@@ -716,8 +735,7 @@ class Experiment:
                                                                            "test": len(self.test_tasks)}},
                 "metrics": self.metrics, "rows": self.rec.rows, "pooled_rows": self.rec.pooled_rows(),
                 "compute": self.compute, "selected": self.selected,
-                "classical": CLASSICAL.get(self.family, "classical") + (
-                    f" (order {self.ngram_order}, chosen on val)" if hasattr(self, "ngram_order") else ""),
+                "classical": self._classical_label(),
                 "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "device": self.cfg.device if self.cfg.device == "cpu" else torch.cuda.get_device_name()},
@@ -730,7 +748,13 @@ class Experiment:
 def label_of(results: dict[str, Any], method: str) -> str:
     if method == "classical":
         return results["classical"]
-    return FAMILY_LABELS.get(results["family"], {}).get(method) or LABELS.get(method, method)
+    family = model_class(results["config"]["train"]["model"]["kind"]).family
+    return FAMILY_LABELS.get(family, {}).get(method) or LABELS.get(method, method)
+
+
+def pooled_columns(results: dict[str, Any]) -> list[str]:
+    """The pooled errors (original units, over seeds) the report shows: those of its ND and NRMSE metrics."""
+    return [f"pooled_{m}" for m in ("nd", "nrmse") if m in results["metrics"]]
 
 
 def _fmt(cell: dict | None, digits: int = 3) -> str:
@@ -760,7 +784,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     cfg, summary, metric = results["config"], results["summary"], results["metrics"][0]
-    key = "pooled_nd" if results["family"] == "electricity" else metric
+    key = (pooled_columns(results) or [metric])[0]
     methods = [m for m in METHODS if any(r["method"] == m for r in summary)]
     paths = []
     for kind in ("shots", "steps"):
@@ -817,7 +841,7 @@ def _alpha_grid(cfg: dict[str, Any]) -> str:
 def markdown_section(results: dict[str, Any], command: str, plot_paths: list[Path], md_dir: Path) -> str:
     cfg, summary = results["config"], results["summary"]
     metrics = results["metrics"]
-    cols = ([f"pooled_{m}" for m in ("nd", "nrmse")] if results["family"] == "electricity" else []) + metrics
+    cols = pooled_columns(results) + metrics
     b, t = cfg["baselines"], cfg["train"]
     lines = [f"### {results['title']}", "",
              f"Command: `{command}`", "",
@@ -937,7 +961,7 @@ def log_to_mlflow(cfg: ExperimentConfig, results: dict[str, Any], files: dict[st
     """One MLflow run: the config as params, every summary cell as a metric, the report files as artifacts."""
     if not cfg.train.tracking.enabled:
         return None
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.runs import Tracker
 
     tracker = Tracker(cfg.train.tracking.uri or None, cfg.train.tracking.experiment,
                       run_name=cfg.train.tracking.run_name or f"experiment-{cfg.name}")

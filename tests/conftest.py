@@ -20,6 +20,15 @@ def fused_kernels_built() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def kept_models_in_a_temporary_dir(tmp_path_factory):
+    """A run that cannot log its model to MLflow keeps the checkpoint under METALSTM_KEEP_DIR (default
+    ``~/.metalstm``): during tests, in a temporary folder, never the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METALSTM_KEEP_DIR", str(tmp_path_factory.mktemp("unlogged-models")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def checkout_left_clean():
     """Tests write under tmp_path, never into the checkout: a new top-level entry after the session fails it
     (MLflow, for one, puts ``mlruns/`` in the working directory when an experiment has no artifact location)."""

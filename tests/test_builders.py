@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -28,22 +29,36 @@ from metalstm.series import (
     unscale,
 )
 from metalstm.vocab import Vocab, tokenize_chars, tokenize_words
-from pipeline.builders.electricity import (
+from pipeline.cli import main as cli_main
+from pipeline.tasks.builders import BUILDERS, builder_module, options_from_mapping
+from pipeline.tasks.builders.electricity import (
     ElectricityBuild,
+    ElectricityOptions,
     assign_splits,
     detect_layout,
-    electricity_tasks,
     uci_history_episodes,
 )
-from pipeline.builders.mt import MTBuild, find_domains
-from pipeline.builders.ptb import PTBBuild, ptb_tasks, read_texts
-from pipeline.cli import main as cli_main
-from pipeline.taskstore import read_manifest, read_tasks
+from pipeline.tasks.builders.mt import MTBuild, MTOptions, find_domains
+from pipeline.tasks.builders.ptb import PTBBuild, PTBOptions, read_texts
+from pipeline.tasks.command import WRITE_OPTIONS, family_parser
+from pipeline.tasks.store import read_manifest, read_tasks
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"real data not found at {DATA}")
 T0 = np.datetime64("2014-03-24T00:00:00", "s")  # a Monday
 HOUR = np.timedelta64(3600, "s")
+
+
+def elec_build(source: Path, **options) -> ElectricityBuild:
+    return ElectricityBuild(ElectricityOptions(source=source, **options))
+
+
+def ptb_build(source: Path, **options) -> PTBBuild:
+    return PTBBuild(PTBOptions(source=source, **options))
+
+
+def mt_build(sources: list[Path], **options) -> MTBuild:
+    return MTBuild(MTOptions(source=sources, **options))
 
 
 def hours_of(x_or_y: np.ndarray, scale: float, base: float) -> np.ndarray:
@@ -118,7 +133,7 @@ def write_uci(folder: Path, clients: int = 10, zeros: tuple[tuple[int, int | Non
 def test_uci_test_week_protocol(tmp_path):
     src = write_uci(tmp_path / "uci")
     assert detect_layout(src) == "uci"
-    b = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2)
+    b = elec_build(src, test_fraction=0.3, val_fraction=0.2)
     tasks = list(b.tasks())
     assert len(tasks) == 10 and {t["split"] for t in tasks} == {"train", "val", "test"}
     for t in tasks:
@@ -166,7 +181,7 @@ SMALL = {"window": 48, "horizon": 24, "stride": 24, "support_windows": 2, "query
 def test_gefcom_gaps_and_episode_order(tmp_path):
     src = write_gefcom(tmp_path / "gef")
     assert detect_layout(src) == "gefcom"
-    tasks = list(electricity_tasks(src, test_fraction=0.25, val_fraction=0.25, **SMALL))
+    tasks = list(elec_build(src, test_fraction=0.25, val_fraction=0.25, **SMALL).tasks())
     gap_hours = {24 * d + h for d in (20, 21, 40) for h in range(24)}
     assert tasks and all(t["task_id"].startswith(t["entity"] + "@") for t in tasks)
     for t in tasks:
@@ -188,7 +203,26 @@ def test_gefcom_bad_columns_named(tmp_path):
     folder.mkdir()
     (folder / "Load_history.csv").write_text("zone_id,year,month,day,h1\n1,2005,1,1,5\n")
     with pytest.raises(ValueError, match=r"missing columns \['h2'"):
-        ElectricityBuild(folder)
+        elec_build(folder)
+
+
+def test_bad_cells_name_file_line_column_and_value(tmp_path):
+    """UCI (headerless) and GEFCom cells: an error names the file, line, column and value, never a bare
+    ``could not convert string to float``; empty cells stay missing values."""
+    uci = write_uci(tmp_path / "uci", clients=3)
+    path = next(uci.glob("*_val.csv"))
+    lines = path.read_text().splitlines()
+    lines[4] = ",".join(lines[4].split(",")[:2] + ["oops"])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}: line 5, column 3 \(MT_003\): 'oops' is not a finite number"):
+        elec_build(uci)
+    hours = ",".join(f"h{i}" for i in range(1, 25))
+    days = [f'1,2005,1,{d},' + ",".join(['"16,853"'] * 23 + ["12a" if d == 6 else '"1,000"']) for d in range(1, 9)]
+    (tmp_path / "gef").mkdir()
+    path = tmp_path / "gef" / "Load_history.csv"
+    path.write_text("\n".join([f"zone_id,year,month,day,{hours}", *days, "1,2005,1,9," + "," * 23]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}: line 7, column 'h24': '12a' is not a finite number"):
+        elec_build(tmp_path / "gef")
 
 
 def wide_frame(n_series: int, hours: int, freq_min: int = 60) -> tuple[list[str], np.ndarray]:
@@ -211,7 +245,7 @@ def test_csv_wide_and_long_agree_with_gaps(tmp_path):
     long.write_text("\n".join(rows) + "\n")
     assert detect_layout(wide) == "csv-wide" and detect_layout(long) == "csv-long"
     opts = dict(SMALL, test_series=["c"], val_series=[])
-    bw, bl = ElectricityBuild(wide, **opts), ElectricityBuild(long, **opts)
+    bw, bl = elec_build(wide, **opts), elec_build(long, **opts)
     assert bw.features["frequency"] == "30min" and bw.features["covariates"][0] == "hour_sin"
     tw, tl = list(bw.tasks()), list(bl.tasks())
     assert [t["task_id"] for t in tw] == [t["task_id"] for t in tl]
@@ -224,7 +258,7 @@ def test_csv_wide_and_long_agree_with_gaps(tmp_path):
         hours = {h for y in t["query_y"] + t["support_y"] for h in hours_of(y, t["scale"], 200.0)}
         assert not hours & set(range(200, 260))
     assert {t["split"] for t in by["c"]} == {"test"} and {t["split"] for t in by["a"]} == {"train"}
-    nocov = ElectricityBuild(wide, covariates=False, **opts)
+    nocov = elec_build(wide, covariates=False, **opts)
     assert nocov.features["input_size"] == 1 and next(nocov.tasks())["support_x"][0].shape == (48, 1)
 
 
@@ -240,18 +274,18 @@ def test_split_by_series_is_deterministic():
 
 def test_electricity_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ElectricityBuild(tmp_path / "nowhere")
+        elec_build(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a UCI .* or GEFCom"):
-        ElectricityBuild(tmp_path / "empty")
+        elec_build(tmp_path / "empty")
     bad = tmp_path / "long.csv"
     bad.write_text("series_id,timestamp,reading\na,2014-01-01 00:00,1\n")
     with pytest.raises(ValueError, match="no value column"):
-        ElectricityBuild(bad, layout="csv-long")
+        elec_build(bad, layout="csv-long")
     with pytest.raises(ValueError, match="no timestamp column 'when'"):
-        ElectricityBuild(bad, layout="csv-wide", timestamp_column="when")
+        elec_build(bad, layout="csv-wide", timestamp_column="when")
     with pytest.raises(ValueError, match="window: 200 steps exceed"):
-        ElectricityBuild(write_uci(tmp_path / "uci", clients=3), window=200)
+        elec_build(write_uci(tmp_path / "uci", clients=3), window=200)
 
 
 DST = "2014-03-30T01:00:00"  # hour 145 of the UCI fixture: the clock change
@@ -270,7 +304,7 @@ def test_common_dips_detects_collapses_not_outages():
 
 def test_uci_dst_artefact_masked_and_interpolated(tmp_path):
     src = write_uci(tmp_path / "uci", zeros=((145, None), (50, 0)))
-    b = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2)
+    b = elec_build(src, test_fraction=0.3, val_fraction=0.2)
     assert b.settings["dst_masked_steps"] == 1 and b.settings["dst_masked_at"] == [DST]
     for t in b.tasks():
         base = 1000.0 * int(t["entity"][3:])
@@ -280,17 +314,17 @@ def test_uci_dst_artefact_masked_and_interpolated(tmp_path):
             assert hours_of(t["query_x"][0], t["scale"], base).tolist() == list(range(96, 168))
         if t["entity"] == "MT_001":  # one client's zero is a real reading, not an artefact: kept
             assert min(float(x[:, 0].min()) for x in t["support_x"]) == 0.0
-    kept = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2, mask_dst=False)
+    kept = elec_build(src, test_fraction=0.3, val_fraction=0.2, mask_dst=False)
     assert kept.settings["dst_masked_steps"] == 0 and kept.settings["mask_dst"] is False
     task = next(t for t in kept.tasks() if t["split"] == "train")
     assert task["query_y"][0][1] == 0.0  # 01:00 on the Sunday reads 0 when the artefact is kept
-    assert ElectricityBuild(write_gefcom(tmp_path / "gef"), **SMALL).settings["mask_dst"] is False
+    assert elec_build(write_gefcom(tmp_path / "gef"), **SMALL).settings["mask_dst"] is False
 
 
 def test_uci_history_episodes(tmp_path):
     src = write_uci(tmp_path / "uci")
-    old = list(ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2).tasks())
-    b = ElectricityBuild(src, test_fraction=0.3, val_fraction=0.2, history_episodes=5)  # only 3 fit
+    old = list(elec_build(src, test_fraction=0.3, val_fraction=0.2).tasks())
+    b = elec_build(src, test_fraction=0.3, val_fraction=0.2, history_episodes=5)  # only 3 fit
     assert b.history_episodes == 3 == uci_history_episodes(168, window=72, horizon=24, query_windows=1)
     new = list(b.tasks())
     ids = [t["task_id"] for t in new]
@@ -312,13 +346,13 @@ def test_uci_history_episodes(tmp_path):
         for k in ("support_x", "support_y", "query_x", "query_y"):
             assert all(np.array_equal(p, q) for p, q in zip(a[k], c[k]))
     with pytest.raises(ValueError, match="history_episodes: only for the uci layout"):
-        ElectricityBuild(write_gefcom(tmp_path / "gef"), history_episodes=2, **SMALL)
+        elec_build(write_gefcom(tmp_path / "gef"), history_episodes=2, **SMALL)
 
 
 def test_extra_train_source(tmp_path):
     uci, gef = write_uci(tmp_path / "uci"), write_gefcom(tmp_path / "gef")
     opts = {"test_fraction": 0.3, "val_fraction": 0.2}
-    b = ElectricityBuild(uci, extra_train_source=gef, extra_max_tasks=10, **opts)
+    b = elec_build(uci, extra_train_source=gef, extra_max_tasks=10, **opts)
     assert b.settings["extra_train"]["tasks"] == 10 and b.settings["extra_train"]["episode_stride"] == 120
     tasks = list(b.tasks())
     extra = [t for t in tasks if t["entity"].startswith("gefcom:")]
@@ -336,7 +370,7 @@ def test_extra_train_source(tmp_path):
         assert max(hours_of(y, t["scale"], base).max() for y in t["support_y"]) < first
         weekdays.add(np.datetime64(t["forecast_start"], "D").astype(int) % 7)
     assert len(weekdays) == 3  # episodes 5 days apart: the query weekday rotates
-    plain = list(ElectricityBuild(uci, **opts).tasks())
+    plain = list(elec_build(uci, **opts).tasks())
     assert [t["task_id"] for t in plain] == [t["task_id"] for t in tasks if not t["entity"].startswith("gefcom:")]
     out = tmp_path / "store"
     assert cli_main(["tasks", "build", "electricity", "--out", str(out), "--source", str(uci), "--test-fraction",
@@ -348,9 +382,9 @@ def test_extra_train_source(tmp_path):
     wide.write_text("\n".join(["time,a,b,c"] + [f"{s}," + ",".join(f"{v:g}" for v in r)
                                                 for s, r in zip(stamps, values)]) + "\n")
     with pytest.raises(ValueError, match=r"frequency 30min, the main source .* has 1h"):
-        ElectricityBuild(uci, extra_train_source=wide, **opts)
+        elec_build(uci, extra_train_source=wide, **opts)
     with pytest.raises(ValueError, match="extra_train_layout: expected one of"):
-        ElectricityBuild(uci, extra_train_source=uci, **opts)
+        elec_build(uci, extra_train_source=uci, **opts)
 
 
 # --------------------------------------------------------------------------------------------- ptb-char
@@ -367,7 +401,7 @@ def write_texts(folder: Path) -> Path:
 
 def test_ptb_layout_vocab_and_long_sentences(tmp_path):
     src = write_texts(tmp_path / "ptb")
-    b = PTBBuild(src, sentences_per_task=4, support_sentences=2, max_len=32)
+    b = ptb_build(src, sentences_per_task=4, support_sentences=2, max_len=32)
     train_chars = set("".join(f"thecatsatonmatnumber{i}abc" for i in range(10)))
     assert set(b.vocab.tokens[4:]) == train_chars | {"_"}  # train text only
     assert "z" not in b.vocab.index and "d" not in b.vocab.index
@@ -397,18 +431,18 @@ def test_ptb_char_files_and_single_file(tmp_path):
         lines = (words / f"ptb.{name}.txt").read_text().splitlines()
         (chars / f"ptb.char.{name}.txt").write_text(
             "\n".join(" _ ".join(" ".join(w) for w in ln.split()) for ln in lines) + "\n")
-    a = list(ptb_tasks(words, sentences_per_task=4, support_sentences=2))
-    c = list(ptb_tasks(chars, sentences_per_task=4, support_sentences=2))
+    a = list(ptb_build(words, sentences_per_task=4, support_sentences=2).tasks())
+    c = list(ptb_build(chars, sentences_per_task=4, support_sentences=2).tasks())
     assert [t["support_x"][0].tolist() for t in a] == [t["support_x"][0].tolist() for t in c]
     one = tmp_path / "book.txt"
     one.write_text("\n".join(f"line {i}" for i in range(100)) + "\n")
-    b = PTBBuild(one, sentences_per_task=5, support_sentences=2, val_fraction=0.1, test_fraction=0.2)
+    b = ptb_build(one, sentences_per_task=5, support_sentences=2, val_fraction=0.1, test_fraction=0.2)
     assert b.counts == {"train": 14, "val": 2, "test": 4}
     splits = [t["split"] for t in b.tasks()]
     assert splits == sorted(splits, key=["train", "val", "test"].index)  # contiguous: test is the end
     with pytest.raises(ValueError, match=r"no text file for split\(s\) \['test'\]"):
         (words / "ptb.test.txt").unlink()
-        PTBBuild(words)
+        ptb_build(words)
 
 
 # --------------------------------------------------------------------------------------------- mt-en-de
@@ -437,7 +471,7 @@ def test_mt_domains_vocab_and_layout(tmp_path):
     root = write_parallel(tmp_path / "mt")
     assert sorted(find_domains([root])) == ["multi30k-test2016-flickr", "multi30k-train", "multi30k-val",
                                             "wmt-train"]
-    b = MTBuild([root], support_pairs=1, query_pairs=2)
+    b = mt_build([root], support_pairs=1, query_pairs=2)
     assert b.domains == {"train": ["wmt-train", "multi30k-train"], "val": ["multi30k-val"],
                          "test": ["multi30k-test2016-flickr"]}
     tasks = list(b.tasks())
@@ -454,7 +488,7 @@ def test_mt_domains_vocab_and_layout(tmp_path):
     assert val["query_y"][0].tolist() == [*b.tgt_vocab.encode("eine katze schläft 1"), EOS]
     assert all(t["entity"] in b.domains[t["split"]] for t in tasks)
     Seq2Seq(len(b.src_vocab), len(b.tgt_vocab), 8, 8, 1).check(collate(tasks).query, "query")
-    small = MTBuild([root], support_pairs=1, query_pairs=2, max_tasks_per_split=2, vocab_size=10)
+    small = mt_build([root], support_pairs=1, query_pairs=2, max_tasks_per_split=2, vocab_size=10)
     assert small.counts == {"train": 2, "val": 2, "test": 2} and len(small.src_vocab) == 10
     assert {e for e, _, _ in small.plan["train"]} == {"wmt-train", "multi30k-train"}
 
@@ -462,10 +496,10 @@ def test_mt_domains_vocab_and_layout(tmp_path):
 def test_mt_bad_sources(tmp_path):
     root = write_parallel(tmp_path / "mt")
     with pytest.raises(ValueError, match=r"test_domains: unknown domain\(s\) \['news'\]"):
-        MTBuild([root], test_domains="news")
+        mt_build([root], test_domains=["news"])
     (root / "wmt_sample" / "tgt-train.txt").write_text("only one line\n")
     with pytest.raises(ValueError, match="src-train.txt has 9 lines but .*tgt-train.txt has 1"):
-        MTBuild([root])
+        mt_build([root])
     (root / "multi30k" / "val.de.gz").unlink()
     with pytest.raises(FileNotFoundError, match="val.de.gz"):
         find_domains([root])
@@ -486,6 +520,8 @@ def test_cli_builds_stores(tmp_path, capsys):
         assert cli_main(["tasks", "build", family, "--out", str(out), *opts]) == 0
         manifest = read_manifest(str(out))
         assert manifest["family"] == family and manifest["builder"]["name"] == family
+        assert manifest["model_kind"] == {"electricity": "forecaster", "ptb-char": "char_lm",
+                                          "mt-en-de": "seq2seq"}[family]
         tasks = read_tasks(str(out))
         assert len(tasks) == sum(manifest["counts"].values())
         collate(tasks[:4])
@@ -498,6 +534,32 @@ def test_cli_builds_stores(tmp_path, capsys):
     assert cli_main(["tasks", "build", "electricity", "--out", str(tmp_path / "x"), "--source",
                      str(tmp_path / "missing")]) == 2
     assert "missing: electricity source not found" in capsys.readouterr().err
+    assert cli_main(["tasks", "build", "mt-en-de", "--out", str(tmp_path / "y"), "--source", str(mt),
+                     "--pairs-per-task", "3", "--support-pairs", "1", "--query-pairs", "1"]) == 2
+    assert "pairs_per_task: 3 != support_pairs 1 + query_pairs 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_every_cli_flag_is_an_option_field_and_back(family):
+    """The flags and the options dataclass name the same options, so the CLI and the builder API cannot drift."""
+    module = builder_module(family)
+    dests = {a.dest for a in family_parser(family)._actions} - {"help", "out", *WRITE_OPTIONS}
+    names = {f.name for f in fields(module.OPTIONS)}
+    assert dests - names == ({"source"} if family == "synthetic" else set())  # synthetic ignores --source
+    assert names <= dests
+
+
+def test_options_from_a_mapping_are_typed_and_checked(tmp_path):
+    o = options_from_mapping("mt-en-de", {"source": ["a", "b"], "train_domains": ["x"], "max_len": "40"})
+    assert o == MTOptions(source=["a", "b"], train_domains=["x"], max_len=40)
+    o = options_from_mapping("synthetic", {"amplitude": [1, 2], "train_tasks": 5})
+    assert o.amplitude == (1.0, 2.0) and o.train_tasks == 5 and o.shots == 10
+    with pytest.raises(ValueError, match=r"config key store.options.windw: Key 'windw' not in 'ElectricityOptions'"):
+        options_from_mapping("electricity", {"source": "s", "windw": 3}, "store.options")
+    with pytest.raises(ValueError, match="config key options.source: .*missing"):
+        options_from_mapping("ptb-char", {})
+    with pytest.raises(ValueError, match="config key options.window: .*'a week'"):
+        options_from_mapping("electricity", {"source": "s", "window": "a week"})
 
 
 # --------------------------------------------------------------------------------------------- real data
@@ -506,7 +568,7 @@ def test_cli_builds_stores(tmp_path, capsys):
 @needs_data
 def test_real_uci_test_week():
     src = DATA / "electricity" / "uci_electricity_2014_03_31_tagi"
-    b = ElectricityBuild(src)
+    b = elec_build(src)
     tasks = list(b.tasks())
     assert len(tasks) == 370 and b.settings["series_per_split"] == {"train": 259, "val": 37, "test": 74}
     raw_test = np.loadtxt(src / "electricity_2014_03_31_test.csv", delimiter=",")
@@ -561,14 +623,14 @@ def test_real_ptb_matches_official_char_files():
     official = (DATA / "ptb_char" / "ptb.char.valid.txt").read_text().splitlines()
     for line, ref in list(zip(texts[1].lines, official))[:500]:
         assert tokenize_chars(line, spaced=False) == ref.split()
-    b = PTBBuild(DATA / "ptb_char", max_tasks_per_split=5)
+    b = ptb_build(DATA / "ptb_char", max_tasks_per_split=5)
     assert b.counts == {"train": 5, "val": 5, "test": 5}
     CharLM(len(b.vocab), 8, 8, 1).check(collate(list(b.tasks())).support, "support")
 
 
 @needs_data
 def test_real_mt_small():
-    b = MTBuild([DATA / "mt_en_de"], max_tasks_per_split=4)
+    b = mt_build([DATA / "mt_en_de"], max_tasks_per_split=4)
     assert b.domains["train"] == ["wmt-train", "multi30k-train"] and b.counts == {"train": 4, "val": 4, "test": 4}
     assert len(find_domains([DATA / "mt_en_de"])) == 9
     tasks = list(b.tasks())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.builders import BUILDERS
 from pipeline.cli import build_parser, parse_args
-from pipeline.tasks_cli import family_parser
+from pipeline.tasks.builders import BUILDERS
+from pipeline.tasks.command import family_parser
 
-# flags of pipeline/builders/synthetic.py that still lack help text (that file is being edited elsewhere);
+# flags of pipeline/tasks/builders/synthetic.py that still lack help text (that file is being edited elsewhere);
 # remove them here once they have it: the test below fails if one gets help text and stays listed
 
 def _without_help(parser: argparse.ArgumentParser, path: str) -> set[tuple[str, str]]:

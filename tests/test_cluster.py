@@ -250,8 +250,8 @@ def test_submit_train_register_and_serve(ray_head, tmp_path):
     """`ray job submit` meta-trains and registers a version; `serve deploy` serves it; /v1/adapt answers."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.builders.synthetic import build_synthetic
-    from pipeline.taskstore import read_tasks
+    from pipeline.tasks.builders.synthetic import build_synthetic
+    from pipeline.tasks.store import read_tasks
 
     work = ray_head.tmp / f"run-{uuid.uuid4().hex[:8]}"  # readable by the job, the replicas and this test
     work.mkdir()

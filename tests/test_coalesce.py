@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipeline.coalesce import Coalescer
+from pipeline.serving.coalesce import Coalescer
 
 
 class Work:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import logging, os, subprocess, sys, time
     from pathlib import Path
-    from pipeline.console import Console
+    from pipeline.demo.console import Console
 
     logging.basicConfig(level=logging.INFO)
     with Console(Path(sys.argv[1])) as console:

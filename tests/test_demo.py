@@ -27,8 +27,8 @@ ALARMING = re.compile(r"error|traceback|exception|failed|warning|killed", re.I)
 def test_a_failed_step_shows_the_log_and_verbose_shows_everything(tmp_path, monkeypatch, capfd):
     """What Ray prints goes to demo.log, and a failure's screen shows that log's last lines; with --verbose
     it all goes to the terminal and there is no log."""
-    from pipeline import demo
     from pipeline.cli import parse_args
+    from pipeline.demo import command as demo
 
     def fail(args, workdir, console):
         os.write(2, b"what Ray said before it broke\n")
@@ -45,6 +45,25 @@ def test_a_failed_step_shows_the_log_and_verbose_shows_everything(tmp_path, monk
         demo.run(parse_args(["demo", "--workdir", str(tmp_path / "loud"), "--verbose"]))
     out, err = capfd.readouterr()
     assert "what Ray said" in err and "demo.log" not in out and not (tmp_path / "loud" / "demo.log").exists()
+
+
+def test_the_demo_trains_configs_demo_yaml_from_any_directory(tmp_path, monkeypatch):
+    """configs/demo.yaml, then the run-time settings (a fresh run name, stores under --workdir), then the user's
+    ``key=value`` overrides; found from any working directory."""
+    from pipeline.demo import command as demo
+
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "work"
+    cfg = demo._config(["schedule.meta_steps=7"], workdir)
+    assert demo.CONFIG == ROOT / "configs" / "demo.yaml"
+    assert re.fullmatch(r"demo-\d{8}-\d{6}", cfg.name)
+    assert cfg.tracking.uri == f"sqlite:///{workdir / 'mlflow.db'}"
+    assert cfg.checkpoint.storage_path == str(workdir / "runs")
+    assert cfg.tracking.registered_model == "metalstm-demo" and cfg.data.store == ""
+    assert (cfg.model.hidden_size, cfg.maml.inner_steps, cfg.scaling.num_workers) == (32, 3, 2)
+    assert (cfg.schedule.meta_steps, cfg.schedule.meta_batch_size) == (7, 16)  # the user's override wins
+    with pytest.raises(ValueError, match="tracking.registered_model"):
+        demo._config(["tracking.registered_model=''"], workdir)
 
 
 def _run_readme_curls(port: int) -> list[tuple[str, dict]]:
@@ -125,8 +144,8 @@ def test_demo_then_the_readmes_serving_examples(tmp_path, monkeypatch, capsys):
 
         # the README's `metalstm serve` and `metalstm ui` lines find the demo's model and store from here
         from pipeline.cli import main, parse_args
-        from pipeline.serve import resolve
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.serving.app import resolve
+        from pipeline.tracking.runs import resolve_tracking_uri
 
         monkeypatch.chdir(tmp_path)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

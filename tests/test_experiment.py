@@ -105,8 +105,8 @@ def test_adapt_path_sgd_is_mamls_inner_loop_and_subsample_is_fair():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from pipeline.builders.synthetic import build_synthetic
     from pipeline.experiment import Experiment, load_experiment_config, log_to_mlflow, write_report
+    from pipeline.tasks.builders.synthetic import build_synthetic
 
     root = tmp_path_factory.mktemp("experiment")
     store = str(root / "store")
@@ -233,6 +233,42 @@ def test_config_errors_name_the_key(tmp_path):
         load_experiment_config(tmp_path / "missing.yaml")
 
 
+def test_the_store_is_built_once_from_its_options(tmp_path):
+    from pipeline.experiment import StoreSpec, load_experiment_config, prepare_store
+    from pipeline.tasks.store import read_manifest
+
+    options = {"tasks_per_split": 2, "window": 8, "horizon": 4}
+    uri = prepare_store(StoreSpec(family="synthetic", options=options, cache_dir=str(tmp_path)))
+    m = read_manifest(uri)
+    assert m["counts"] == {"train": 2, "val": 2, "test": 2} and m["model_kind"] == "forecaster"
+    # the cache key is every option, defaults included: spelling a default out reuses the store
+    same = StoreSpec(family="synthetic", options={**options, "shots": 10}, cache_dir=str(tmp_path))
+    assert prepare_store(same) == uri and read_manifest(uri)["created_at"] == m["created_at"]
+    other = StoreSpec(family="synthetic", options={**options, "layout": "points"}, cache_dir=str(tmp_path))
+    assert read_manifest(prepare_store(other))["model_kind"] == "mlp"
+    with pytest.raises(ValueError, match="config key store.options.windw: Key 'windw' not in 'SyntheticOptions'"):
+        load_experiment_config(None, ["store.options.windw=3"])
+    with pytest.raises(ValueError, match="config key store.family: expected one of"):
+        load_experiment_config(None, ["store.family=weather"])
+
+
+def test_metrics_and_labels_follow_the_model():
+    from metalstm.models import model_class
+    from pipeline.experiment import label_of, reported_metrics
+
+    # as the report always had them per store: synthetic, electricity (a scaled store), ptb-char, mt-en-de
+    assert reported_metrics(model_class("forecaster"), pooled=False) == ["mse"]
+    assert reported_metrics(model_class("mlp"), pooled=False) == ["mse"]
+    assert reported_metrics(model_class("forecaster"), pooled=True) == ["nd", "nrmse", "mse"]
+    assert reported_metrics(model_class("char_lm"), pooled=False) == ["bpc"]
+    assert reported_metrics(model_class("seq2seq"), pooled=False) == ["bleu", "chrf", "nll"]
+    lm = {"config": {"train": {"model": {"kind": "char_lm"}}}, "classical": "n-gram"}
+    assert label_of(lm, "transfer") == "transfer + dynamic evaluation (Krause et al. 2018)"
+    assert label_of(lm, "classical") == "n-gram" and label_of(lm, "maml") == "Meta-LSTM (MAML)"
+    assert label_of({"config": {"train": {"model": {"kind": "forecaster"}}}}, "transfer") == \
+        "transfer (pre-train + fine-tune)"
+
+
 def test_cli_rejects_a_bad_override_cleanly(capsys):
     from pipeline.cli import main
 
@@ -265,7 +301,7 @@ def test_electricity_real_data_smoke(tmp_path):
         "seeds=[0]", "shots=[2]", "steps=[0,1]", "report_steps=1", "train.schedule.meta_steps=2",
         "train.schedule.meta_batch_size=2", "train.model.hidden_size=8", "baselines.pretrain_steps=2",
         "methods=[maml,classical]", "val_tasks=2", "test_tasks=6", f"store.cache_dir={tmp_path}",
-        f"store.args=[--source,{source},--max-tasks-per-split,6]"])
+        f"store.options.source={source}", "store.options.max_tasks_per_split=6"])
     res = Experiment(cfg).run()
     naive = [r for r in res["summary"] if r["method"] == "classical"][0]
     # the previous day's actuals on the 2014-03-31 week: a strong, sane baseline on any handful of clients
@@ -284,7 +320,7 @@ def test_ptb_real_data_ngram_smoke(tmp_path):
     cfg = load_experiment_config(Path(__file__).resolve().parents[1] / "configs" / "experiment_ptb.yaml", [
         "seeds=[0]", "shots=[2]", "steps=[0]", "report_steps=0", "methods=[classical]", "val_tasks=4",
         "test_tasks=4", "baselines.ngram_orders=[2,4]", f"store.cache_dir={tmp_path}",
-        f"store.args=[--source,{source},--max-tasks-per-split,40]"])
+        f"store.options.source={source}", "store.options.max_tasks_per_split=40"])
     res = Experiment(cfg).run()
     bpc = [r for r in res["summary"] if r["method"] == "classical"][0]["bpc"]["mean"]
     assert 1.0 < bpc < math.log2(cfg.train.model.vocab_size)

@@ -463,6 +463,84 @@ def test_bits_per_character_is_nats_over_ln2():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The meta-step (`metalstm.training.meta_step`): one process, or several summing through an all-reduce
+
+
+def test_meta_step_data_parallel_equals_one_process():
+    """Three "workers" (threads: 3, 2 and no tasks) summing with an all-reduce take the step one process takes on
+    the whole batch: the mean query loss's meta-gradient, clipped, learned rates and multi-step loss included."""
+    import copy
+    import threading
+
+    from metalstm.training import meta_step
+
+    cfg = MAMLConfig(inner_steps=2, inner_lr=0.1, learn_inner_lr=True, multi_step_loss=True, multi_step_anneal=4)
+    torch.manual_seed(0)
+    base = MetaLearner(Forecaster(2, 4, 1, 3), cfg).to(F64)
+    batch = forecast_batch(tasks=5)
+
+    ref = copy.deepcopy(base)  # by hand: step 2 of 4 annealing steps, mean over the 5 tasks, clip, Adam
+    result = ref.meta_loss(batch, progress=1 / 4)
+    (result.query.sum() / 5).backward()
+    for p in ref.parameters():  # never let two parameters share one grad tensor under the in-place clip
+        p.grad = p.grad.clone()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    torch.optim.Adam(ref.parameters(), lr=0.01).step()
+
+    one = copy.deepcopy(base)
+    out = meta_step(one, batch, torch.optim.Adam(one.parameters(), lr=0.01), step=2, grad_clip=0.05)
+    assert out["tasks"] == 5 and out["wait_s"] == out["allreduce_s"] == 0.0
+    assert out["query_loss"] == pytest.approx(float(result.query_final.sum()), rel=1e-12)
+    assert out["support_loss"] == pytest.approx(float(result.support_curve[0].sum()), rel=1e-12)
+
+    parts = [batch.select(slice(0, 3)), batch.select(slice(3, 5)), None]
+    barrier, posted, outs = threading.Barrier(3), [None] * 3, [None] * 3
+    learners = [copy.deepcopy(base) for _ in parts]
+
+    def worker(rank: int) -> None:
+        def all_reduce(tensors):
+            posted[rank] = [t.clone() for t in tensors]
+            barrier.wait()
+            for i, t in enumerate(tensors):
+                t.copy_(sum(p[i] for p in posted))
+            barrier.wait()
+
+        opt = torch.optim.Adam(learners[rank].parameters(), lr=0.01)
+        outs[rank] = meta_step(learners[rank], parts[rank], opt, step=2, grad_clip=0.05, all_reduce=all_reduce)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for rank, learner in enumerate([one, *learners]):
+        if rank:
+            assert outs[rank - 1]["tasks"] == 5
+            assert outs[rank - 1]["query_loss"] == pytest.approx(out["query_loss"], rel=1e-12)
+        for (name, p), q in zip(learner.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=lambda m, r=rank, n=name: f"{r} {n}: {m}")
+    assert any((p - q).abs().max() > 1e-4 for p, q in zip(ref.parameters(), base.parameters()))  # it did move
+
+
+def test_meta_train_rows_are_batch_means():
+    from metalstm.training import meta_train
+
+    torch.manual_seed(0)
+    learner = MetaLearner(Forecaster(2, 4, 1, 3), MAMLConfig(inner_steps=1, inner_lr=0.1)).to(F64)
+    batch = forecast_batch(tasks=3)
+    expected = learner.meta_loss(batch)
+    out = meta_train(learner, iter([batch, batch]), 2, torch.optim.Adam(learner.parameters(), lr=0.01))
+    assert out["tasks_seen"] == 6 and [r["step"] for r in out["history"]] == [1, 2]
+    assert out["history"][0]["query_loss"] == pytest.approx(float(expected.query_final.mean()), rel=1e-12)
+    assert out["history"][0]["support_loss"] == pytest.approx(float(expected.support_curve[0].mean()), rel=1e-12)
+    assert out["history"][1]["query_loss"] < out["history"][0]["query_loss"]
+
+    plain = MetaLearner(Forecaster(2, 4, 1, 3), MAMLConfig(inner_steps=0)).to(F64)
+    rows = meta_train(plain, iter([batch]), 1, torch.optim.Adam(plain.parameters()))["history"]
+    assert math.isnan(rows[0]["support_loss"])  # no inner step: no support loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The benchmark (`metalstm bench maml`): it runs, and the two implementations it times agree
 
 
@@ -505,3 +583,109 @@ def test_cli_takes_key_value_options_after_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:  # anything else after the flag is still an error
         main(["bench", "maml", "--json", "--flux"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --flux" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergence (issue 19): a non-finite loss or meta-gradient never reaches the optimiser, on any process
+
+
+def _thread_workers(learners, parts, run):
+    """Run ``run(rank, learner, part, all_reduce)`` on one thread per "worker", summing through a barrier."""
+    import threading
+
+    n = len(parts)
+    barrier, posted, outs = threading.Barrier(n), [None] * n, [None] * n
+
+    def worker(rank: int) -> None:
+        def all_reduce(tensors):
+            posted[rank] = [t.clone() for t in tensors]
+            barrier.wait()
+            for i, t in enumerate(tensors):
+                t.copy_(sum(p[i] for p in posted))
+            barrier.wait()
+
+        outs[rank] = run(rank, learners[rank], parts[rank], all_reduce)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return outs
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_meta_step_skips_on_every_worker_when_one_has_a_nan_loss(poison):
+    """Worker 1's query targets are NaN: both workers skip (the check is on the all-reduced tensors), neither
+    optimiser steps, θ stays identical and finite; without the NaN both step."""
+    import copy
+
+    from metalstm.training import meta_step
+
+    torch.manual_seed(0)
+    base = MetaLearner(Forecaster(2, 4, 1, 3), MAMLConfig(inner_steps=1, inner_lr=0.1)).to(F64)
+    batch = forecast_batch(tasks=4)
+    parts = [batch.select(slice(0, 2)), batch.select(slice(2, 4))]
+    if poison:
+        parts[1].query.y.fill_(float("nan"))
+    learners = [copy.deepcopy(base) for _ in parts]
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.01) for m in learners]
+    outs = _thread_workers(learners, parts, lambda r, m, part, ar: meta_step(m, part, optimizers[r], step=1,
+                                                                               all_reduce=ar))
+    for rank, (out, learner, opt) in enumerate(zip(outs, learners, optimizers)):
+        assert out["skipped"] == float(poison) and out["nonfinite_workers"] == float(poison), (rank, out)
+        assert bool(opt.state) != poison  # Adam never saw the step
+        moved = [not torch.equal(p, q) for p, q in zip(learner.parameters(), base.parameters())]
+        assert any(moved) != poison
+        assert all(torch.isfinite(p).all() for p in learner.parameters())
+    for p, q in zip(learners[0].parameters(), learners[1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_meta_step_says_whether_theta_or_the_inner_loop_diverged():
+    """NaN support data fails at inner step 0 (θ's own loss: not the inner rate); a huge inner rate later."""
+    from metalstm.training import meta_step
+
+    learner = MetaLearner(Forecaster(2, 4, 1, 3), MAMLConfig(inner_steps=2, inner_lr=0.1)).to(F64)
+    bad = forecast_batch()
+    bad.support.x[0, 0, 0, 0] = float("nan")
+    out = meta_step(learner, bad, torch.optim.Adam(learner.parameters()), step=1)
+    assert out["skipped"] == 1 and out["nonfinite_at_theta"] == 1
+    huge = MetaLearner(Forecaster(2, 4, 1, 3), MAMLConfig(inner_steps=2, inner_lr=1e200)).to(F64)
+    out = meta_step(huge, forecast_batch(), torch.optim.Adam(huge.parameters()), step=1)
+    assert out["skipped"] == 1 and out["nonfinite_at_theta"] == 0
+
+
+def test_non_finite_error_at_inner_step_0_does_not_blame_the_inner_rate():
+    learner = MetaLearner(Forecaster(2, 4, 1, 3).to(F64), MAMLConfig(inner_steps=2, inner_lr=0.1))
+    batch = forecast_batch()
+    batch.support.y[1, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError) as info:
+        learner.meta_loss(batch)
+    assert info.value.inner_step == 0 and "maml.inner_lr" not in str(info.value)
+
+
+def test_meta_train_raises_before_any_update():
+    from metalstm.training import meta_train
+
+    learner = MetaLearner(Forecaster(2, 4, 1, 3), MAMLConfig(inner_steps=1, inner_lr=0.1)).to(F64)
+    before = [p.clone() for p in learner.parameters()]
+    batch = forecast_batch()
+    batch.query.y[0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="meta-step 1"):
+        meta_train(learner, iter([batch]), 1, torch.optim.Adam(learner.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(learner.parameters(), before))
+
+
+def test_pretrain_step_skips_a_non_finite_loss_when_asked():
+    from metalstm.training import pretrain_step
+
+    model = Forecaster(2, 4, 1, 3).to(F64)
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    split = forecast_batch(tasks=1).support
+    opt = torch.optim.Adam(model.parameters())
+    out = pretrain_step(model, split, opt, skip_nonfinite=True)
+    assert out["skipped"] == 1 and not opt.state
+    with pytest.raises(NonFiniteLossError, match="lower pretrain.lr"):
+        pretrain_step(model, split, opt)

@@ -1,4 +1,5 @@
-"""The replica's model process on its own (no Ray): same answers as in-process, survives its child dying."""
+"""The replica's model process on its own (no Ray): same answers as in-process, survives its child dying or
+hanging (a job that never ends, a child stopped with SIGSTOP: alive, but never answering)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 from servers import process_gone
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
-from pipeline.adaptation import Job, adapt_and_predict, predict_jobs, served_model
-from pipeline.model_process import MAX_MODELS, ModelProcess, ModelProcessError
+from pipeline.serving.jobs import Job, adapt_and_predict, predict_jobs, served_model
+from pipeline.serving.model_process import MAX_MODELS, ModelProcess, ModelProcessError, ModelProcessTimeout
 
 F, H = 3, 4
 
@@ -115,9 +116,93 @@ def test_older_versions_are_sent_again_when_needed_and_a_bad_one_changes_nothing
     assert all(p is not None for _, p in process.adapt_and_predict(_jobs(models[-1], n=1)))
 
 
-def test_close_stops_the_child(models):
+def test_close_stops_the_child_even_a_hung_one(models):
     process = ModelProcess(torch_threads=1)
     process.load(models[0])
     pid = process.pid
     process.close()
     assert process_gone(pid) and process.stats()["pid"] is None
+    hung = ModelProcess(torch_threads=1)
+    hung.load(models[0])
+    pid = hung.pid
+    os.kill(pid, signal.SIGSTOP)  # would never take the executor's stop sentinel: close kills it
+    hung.close()
+    assert process_gone(pid)
+    assert hung.probe() is not None  # a closed process starts no new child
+    with pytest.raises(ModelProcessError, match="closed"):
+        hung.load(models[0])
+
+
+def _wait_until_ready(process: ModelProcess, timeout: float = 120.0) -> None:
+    """Until the child started in the background after a stop answers a probe."""
+    deadline = time.monotonic() + timeout
+    while process.probe() is not None:
+        assert time.monotonic() < deadline, "no new model process answered"
+        time.sleep(0.2)
+
+
+def test_a_job_that_never_ends_is_killed_and_the_calls_behind_it_fail_clearly(models):
+    process = ModelProcess(torch_threads=1, call_timeout_s=2.0)
+    try:
+        process.load(models[0])
+        first = process.pid
+        behind: list[BaseException | list] = []
+
+        def queued() -> None:  # a call that waits behind the stuck one: it must not wait forever either
+            time.sleep(0.5)
+            try:
+                behind.append(process.adapt_and_predict(_jobs(models[0], n=1)))
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
+                behind.append(e)
+
+        worker = threading.Thread(target=queued)
+        worker.start()
+        with pytest.raises(ModelProcessTimeout, match="did not finish adapting or predicting within 2 s"):
+            process.adapt_and_predict(_jobs(models[0], n=1, steps=10**7))  # blocks in the child far past 2 s
+        worker.join(60)
+        assert len(behind) == 1 and isinstance(behind[0], ModelProcessError), behind
+        assert process_gone(first) and process.stats()["timeouts"] == 1 and process.restarts == 1
+        process.call_timeout_s = 120.0
+        _wait_until_ready(process)
+        assert process.pid not in (None, first)
+        assert process.adapt_and_predict(_jobs(models[0], n=1))[0][1] is not None  # its model is sent again
+    finally:
+        process.close()
+
+
+def test_a_stopped_child_fails_the_probe_and_is_replaced_but_a_busy_one_passes(models, process):
+    process.load(models[0])
+    assert process.probe(timeout_s=10.0) is None
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(
+        process.adapt_and_predict(_jobs(models[0], n=16, steps=1000, support=64))))  # seconds of real work
+    worker.start()
+    time.sleep(0.5)
+    assert process.probe(timeout_s=0.1) is None  # busy within its bound is healthy: nothing is killed
+    worker.join(120)
+    assert len(results) == 1 and process.stats()["timeouts"] == 0
+    first = process.pid
+    os.kill(first, signal.SIGSTOP)  # alive, but never answers
+    why = process.probe(timeout_s=1.0)
+    assert why is not None and "did not answer a probe within 1 s" in why
+    assert process_gone(first) and process.stats()["timeouts"] == 1
+    _wait_until_ready(process)
+    assert process.pid not in (None, first)
+    assert process.adapt_and_predict(_jobs(models[0], n=1))[0][1] is not None
+
+
+def test_a_load_into_a_hung_child_times_out_and_frees_the_process(models):
+    process = ModelProcess(torch_threads=1, load_timeout_s=1.0)
+    try:
+        process.load(models[0])
+        first = process.pid
+        os.kill(first, signal.SIGSTOP)
+        with pytest.raises(ModelProcessTimeout, match=f"loading {models[1].model_uri} within 1 s"):
+            process.load(models[1])  # a version switch into a hung child: bounded, and the lock is free again
+        assert process_gone(first)
+        process.load_timeout_s = 120.0
+        for served in models[:2]:  # both versions come back in the new child
+            assert process.adapt_and_predict(_jobs(served, n=1))[0][1] is not None
+        assert process.pid not in (None, first) and process.stats()["models"] == [m.model_uri for m in models[:2]]
+    finally:
+        process.close()

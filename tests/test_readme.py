@@ -68,7 +68,7 @@ def _metalstm_argv(command: str) -> list[str] | None:
 
 
 def test_every_metalstm_command_in_the_readme_parses(capsys):
-    from pipeline.tasks_cli import family_parser
+    from pipeline.tasks.command import family_parser
 
     seen = set()
     for command in shell_commands():
@@ -86,7 +86,7 @@ def test_every_metalstm_command_in_the_readme_parses(capsys):
 
 
 def test_request_bodies_are_valid_adapt_requests():
-    from pipeline.serve_schema import AdaptRequest
+    from pipeline.serving.schema import AdaptRequest
 
     bodies = [w[1:] for c in shell_commands() if words(c)[:1] == ["curl"] for w in words(c) if w.startswith("@")]
     assert bodies

@@ -13,33 +13,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
+from registered import sine_checkpoint
 from servers import free_port, start_server, stop_server
 
-from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, collate, save_checkpoint
+from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
+from metalstm.evaluation import evaluate_learner
 from metalstm.sinusoid import sinusoid_tasks
-from pipeline.builders.synthetic import build_synthetic
 from pipeline.cli import main
-from pipeline.registry import evaluate_learner, example_tasks, load_learner, parse_model_uri, save_pyfunc
-from pipeline.tracking import Tracker
+from pipeline.errors import UserError
+from pipeline.tasks.builders.synthetic import build_synthetic
+from pipeline.tracking.pyfunc import example_tasks, save_pyfunc
+from pipeline.tracking.registry import load_learner, load_tasks, parse_model_uri
+from pipeline.tracking.runs import Tracker
 
 NAME = "sine"
-
-
-def make_checkpoint(path: Path, meta_steps: int, store: dict) -> Path:
-    """A tiny MAML sinusoid MLP: ``meta_steps=0`` is the untrained (worse) candidate."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(kind="mlp", mlp_hidden=[32, 32])
-    learner = MetaLearner(build_model(cfg), MAMLConfig(inner_steps=3, inner_lr=0.02))
-    opt = torch.optim.Adam(learner.parameters(), lr=0.01)
-    for step in range(meta_steps):
-        opt.zero_grad()
-        learner.meta_loss(collate(sinusoid_tasks(8, 10, 10, seed=1000 + step))).query.mean().backward()
-        opt.step()
-    extra = {"config": {"name": "sine", "model": {"kind": "mlp", "mlp_hidden": [32, 32]}}, "store": store,
-             "step": meta_steps, "val_loss": 0.0}
-    return save_checkpoint(path, learner, cfg, extra, overwrite=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +43,8 @@ def env(tmp_path_factory):
         manifest = build_synthetic(store_uri, layout="points", train_tasks=0, val_tasks=0, test_tasks=12, seed=3)
         store = {"uri": store_uri, "hash": manifest["content_hash"], "family": "synthetic",
                  "features": manifest["features"], "vocab": {}, "normalisation": {}}
-        bad = make_checkpoint(root / "bad.pt", 0, store)
-        good = make_checkpoint(root / "good.pt", 100, store)
+        bad = sine_checkpoint(root / "bad.pt", 0, store)
+        good = sine_checkpoint(root / "good.pt", 100, store)
         tracker = Tracker(None, "registry-test", run_name="sine")
         tracker.start({"model": {"kind": "mlp"}}, {})
         versions = {"bad": tracker.log_model(str(bad), NAME, tag="final"),
@@ -122,6 +110,61 @@ def test_pyfunc_model_for_every_family(kind, tmp_path):
     else:
         assert all(0 <= t < cfg.tgt_vocab_size for t in pred[0]) and len(pred[0]) <= 2 * 6 + 10
         assert len(model.predict(tasks, params={"max_len": 2})["prediction"][0][0]) <= 2
+
+
+# the models-from-code file of every version registered before pipeline/ had folders, byte for byte
+OLD_MODEL_CODE = (
+    '"""MLflow models-from-code entry point: the model is this file and a MetaLSTM checkpoint, no pickle."""\n'
+    "import mlflow\n"
+    "\n"
+    "from pipeline.registry import MetaLSTMPyfunc\n"
+    "\n"
+    "mlflow.models.set_model(MetaLSTMPyfunc())\n"
+)
+
+
+def test_a_version_registered_before_the_move_still_loads(tmp_path, monkeypatch):
+    """Versions registered before ``pipeline/`` had folders name ``pipeline.registry`` in their code file."""
+    import mlflow
+
+    from pipeline.tracking import pyfunc
+
+    cfg = FAMILIES["mlp"]
+    learner = MetaLearner(build_model(cfg), MAMLConfig(inner_steps=1, inner_lr=0.01))
+    ckpt = save_checkpoint(tmp_path / "c.pt", learner, cfg, {"step": 0})
+    monkeypatch.setattr(pyfunc, "MODEL_CODE", OLD_MODEL_CODE)
+    save_pyfunc(ckpt, tmp_path / "model")
+    saved = [p for p in (tmp_path / "model").rglob("*.py") if "from pipeline.registry import" in p.read_text()]
+    assert saved, "the saved model's code file is the old one"
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    tasks = example_tasks(cfg, seed=1)
+    pred = model.predict(tasks)["prediction"][0]
+    assert len(pred) == len(tasks[0]["query_x"]) and len(pred[0]) == cfg.output_size
+
+
+def test_new_versions_name_the_pyfunc_module(tmp_path):
+    cfg = FAMILIES["mlp"]
+    learner = MetaLearner(build_model(cfg), MAMLConfig(inner_steps=1, inner_lr=0.01))
+    save_pyfunc(save_checkpoint(tmp_path / "c.pt", learner, cfg, {}), tmp_path / "model")
+    code = "\n".join(p.read_text() for p in (tmp_path / "model").rglob("*.py"))
+    assert "from pipeline.tracking.pyfunc import MetaLSTMPyfunc" in code
+
+
+def test_a_store_for_another_model_kind_is_refused(env):
+    manifest_path = Path(env["store"]) / "manifest.json"
+    original = manifest_path.read_text()
+    try:
+        manifest = json.loads(original)
+        manifest.pop("model_kind", None)  # a store built before manifests named their model: not checked
+        manifest_path.write_text(json.dumps(manifest))
+        assert len(load_tasks(env["store"], "test", 2, "forecaster")) == 2
+        manifest["model_kind"] = "mlp"
+        manifest_path.write_text(json.dumps(manifest))
+        assert len(load_tasks(env["store"], "test", 2, "mlp")) == 2
+        with pytest.raises(UserError, match="'mlp' model, but the checkpoint is a 'forecaster' model"):
+            load_tasks(env["store"], "test", 2, "forecaster")
+    finally:
+        manifest_path.write_text(original)
 
 
 def test_evaluate_command_ranks_the_meta_trained_model_first(env, capsys):
@@ -232,7 +275,7 @@ def test_failed_registration_or_promotion_never_moves_the_alias(env, capsys, tmp
 def test_logged_model_loads_in_a_fresh_process_and_adapts(env):
     script = f"""
 import json, mlflow, numpy as np
-from pipeline.taskstore import read_tasks
+from pipeline.tasks.store import read_tasks
 model = mlflow.pyfunc.load_model("models:/{NAME}/2")
 tasks = read_tasks({env['store']!r}, split="test", limit=8)
 records = [{{k: t[k] for k in ("support_x", "support_y", "query_x")}} for t in tasks]

@@ -17,13 +17,14 @@ import pytest
 import requests
 import torch
 import yaml
+from registered import register_version
 from servers import process_gone
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
 from metalstm.data import EOS
 from metalstm.vocab import Vocab
-from pipeline.adapter_cache import AdapterCache, AdapterTooLargeError
-from pipeline.serve_schema import MAX_BODY_BYTES, MAX_LENGTH, MAX_STEPS, MAX_SUPPORT, MAX_SUPPORT_CELLS
+from pipeline.serving.adapter_cache import AdapterCache, AdapterTooLargeError
+from pipeline.serving.schema import MAX_BODY_BYTES, MAX_LENGTH, MAX_STEPS, MAX_SUPPORT, MAX_SUPPORT_CELLS
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -74,30 +75,13 @@ def _checkpoint(path: Path, cfg: ModelConfig, seed: int, store: dict, inner_lr: 
     return save_checkpoint(path, learner, cfg, {"store": store})
 
 
-def _register(tmp: Path, ckpt: Path, name: str, *, corrupt: bool = False) -> str:
-    """Register a checkpoint as the registry's pyfunc model version; ``corrupt`` breaks its weights file."""
-    import mlflow
-
-    from pipeline.registry import save_pyfunc
-
-    model_dir = tmp / f"pyfunc-{name}-{len(list(tmp.glob('pyfunc-*')))}"
-    save_pyfunc(ckpt, model_dir)
-    if corrupt:
-        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-        entry = mlmodel["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
-        (model_dir / entry).write_bytes(b"this is not a checkpoint")
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(model_dir), "model")
-    return str(mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version)
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A sqlite MLflow with: forecaster v1, v2, v3 (broken weights), a char LM, a seq2seq and an MLP."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import ensure_experiment
+    from pipeline.tracking.runs import ensure_experiment
 
     tmp = tmp_path_factory.mktemp("serve-registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -117,15 +101,15 @@ def registry(tmp_path_factory):
     mlp = ModelConfig(kind="mlp", input_size=1, output_size=1, mlp_hidden=[16, 16])
     names = {"forecast": "svc-forecast", "lm": "svc-lm", "mt": "svc-mt", "mlp": "svc-mlp"}
     versions = {
-        "f1": _register(tmp, _checkpoint(tmp / "f1.pt", fc, 1, store), names["forecast"]),
-        "f2": _register(tmp, _checkpoint(tmp / "f2.pt", fc, 2, store), names["forecast"]),
-        "f3": _register(tmp, _checkpoint(tmp / "f3.pt", fc, 3, store), names["forecast"], corrupt=True),
-        "lm": _register(tmp, _checkpoint(tmp / "lm.pt", lm, 4, {"family": "ptb-char", "vocab": vocab.to_dict(),
+        "f1": register_version(tmp, _checkpoint(tmp / "f1.pt", fc, 1, store), names["forecast"]),
+        "f2": register_version(tmp, _checkpoint(tmp / "f2.pt", fc, 2, store), names["forecast"]),
+        "f3": register_version(tmp, _checkpoint(tmp / "f3.pt", fc, 3, store), names["forecast"], corrupt=True),
+        "lm": register_version(tmp, _checkpoint(tmp / "lm.pt", lm, 4, {"family": "ptb-char", "vocab": vocab.to_dict(),
                                                                   "features": {"max_len": 8}}),
                         names["lm"]),
-        "mt": _register(tmp, _checkpoint(tmp / "mt.pt", mt, 5, {"family": "mt-en-de", "vocab": {  # the mt builder's
-            "src": src.tokens, "tgt": tgt.tokens, "tokenizer": "words"}}), names["mt"]),
-        "mlp": _register(tmp, _checkpoint(tmp / "mlp.pt", mlp, 6, {"family": "synthetic"}), names["mlp"]),
+        "mt": register_version(tmp, _checkpoint(tmp / "mt.pt", mt, 5, {"family": "mt-en-de", "vocab": {
+            "src": src.tokens, "tgt": tgt.tokens, "tokenizer": "words"}}), names["mt"]),  # the mt builder's vocab
+        "mlp": register_version(tmp, _checkpoint(tmp / "mlp.pt", mlp, 6, {"family": "synthetic"}), names["mlp"]),
     }
     yield {"uri": uri, "names": names, "versions": versions, "vocab": vocab, "src": src, "tgt": tgt}
     if old is None:
@@ -143,7 +127,7 @@ def server(registry):
     import ray
     from ray import serve
 
-    from pipeline.serve import build_app, model_config
+    from pipeline.serving.app import build_app, model_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -447,7 +431,8 @@ def _model(server) -> dict:
 def test_version_switch_under_load_failed_load_and_alias_follow(server):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.serve import follow_alias, model_config, resolve
+    from pipeline.serving.app import model_config, resolve
+    from pipeline.serving.command import follow_alias
 
     n, v, uri = server["names"]["forecast"], server["versions"], server["uri"]
     rng = np.random.default_rng(4)
@@ -502,7 +487,7 @@ def test_model_process_is_replaced_when_killed_and_stops_with_its_replica(server
     application stops it."""
     from ray import serve
 
-    from pipeline.serve import build_app, model_config
+    from pipeline.serving.app import build_app, model_config
 
     user_config = model_config(f"models:/{server['names']['forecast']}/{server['versions']['f1']}", server["uri"])
     serve.run(build_app(user_config, **APP_KW), name="proc", route_prefix="/proc")
@@ -523,7 +508,7 @@ def test_model_process_is_replaced_when_killed_and_stops_with_its_replica(server
 
 
 def test_no_direct_ingress_addresses_on_a_cluster_without_it(server):
-    from pipeline.serve import direct_ingress_urls
+    from pipeline.serving.command import direct_ingress_urls
 
     assert direct_ingress_urls("f", "127.0.0.1", wait_s=0) == []  # only the proxy answers here
 
@@ -543,11 +528,11 @@ def test_serve_command_user_errors(registry, capsys):
 def test_deploy_config_is_a_valid_serve_config():
     from ray.serve.schema import ServeDeploySchema
 
-    from pipeline.serve import DEPLOYMENT_NAME, app_builder
+    from pipeline.serving.app import DEPLOYMENT_NAME, app_builder
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text()))
     (application,) = config.applications
-    assert application.import_path == "pipeline.serve:app_builder"
+    assert application.import_path == "pipeline.serving.app:app_builder"
     (deployment,) = application.deployments
     assert deployment.name == DEPLOYMENT_NAME and deployment.user_config["model_uri"].startswith("models:/")
     app_builder(dict(application.args))  # the args are ones the builder accepts

@@ -22,7 +22,7 @@ import torch
 from servers import free_port
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
-from pipeline.serve_schema import MAX_BODY_BYTES
+from pipeline.serving.schema import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.ray
 TOKEN = "direct-s3cret"
@@ -39,9 +39,10 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
+    from pipeline.bench.serve import _environ, register_checkpoint
     from pipeline.cli import main
-    from pipeline.serve import DIRECT_INGRESS_ENV, TOKEN_ENV
-    from pipeline.serve_bench import _environ, register_checkpoint
+    from pipeline.serving.app import TOKEN_ENV
+    from pipeline.serving.command import DIRECT_INGRESS_ENV
 
     tmp = tmp_path_factory.mktemp("serve-direct")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -135,7 +136,7 @@ def test_direct_port_listens_on_loopback_only(served):
 
 
 def test_bench_serve_rejects_an_unknown_ingress():
-    from pipeline.serve_bench import bench
+    from pipeline.bench.serve import bench
 
     with pytest.raises(ValueError, match="bench option ingress: expected direct or proxy, got 'haproxy'"):
         bench({"ingress": "haproxy"})

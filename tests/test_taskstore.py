@@ -16,9 +16,9 @@ import pytest
 
 from metalstm import MAMLConfig, MetaLearner, collate
 from metalstm.models import Forecaster
-from pipeline.builders.synthetic import build_synthetic
 from pipeline.cli import main
-from pipeline.taskstore import (
+from pipeline.tasks.builders.synthetic import build_synthetic
+from pipeline.tasks.store import (
     FORMAT_VERSION,
     SEQUENCE_COLUMNS,
     TaskStoreError,
@@ -26,6 +26,7 @@ from pipeline.taskstore import (
     read_manifest,
     read_tasks,
     shard_table,
+    store_model_kind,
     task_batches,
     verify_store,
     write_store,
@@ -180,8 +181,19 @@ def test_bad_task_names_field_and_leaves_no_manifest(case, tmp_path):
     assert "task #3" in str(err.value)
     assert not (tmp_path / "store" / "manifest.json").exists()
     assert not list((tmp_path / "store").rglob("*.parquet"))
+    assert not list(tmp_path.iterdir())  # the build's temporary went with it
     with pytest.raises(TaskStoreError, match="no manifest.json"):
         read_manifest(uri)
+
+
+def test_store_paths_need_a_parent_and_get_their_folders(tmp_path):
+    with pytest.raises(TaskStoreError, match="needs a parent folder") as err:
+        write_store("memory://", _tasks(2), family="electricity", features={})
+    assert err.value.field == "uri"
+    deep = tmp_path / "a" / "b" / "store"
+    write_store(str(deep), _tasks(3), family="electricity", features={})
+    assert read_manifest(str(deep))["counts"]["train"] == 1 and sorted(p.name for p in deep.parent.iterdir()) == [
+        "store"]
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -189,6 +201,7 @@ def test_bad_task_names_field_and_leaves_no_manifest(case, tmp_path):
     ({"limits": {"max_len": 3}}, "limits.max_len"),
     ({"limits": {"max_seq_len": 0}}, "limits.max_seq_len"),
     ({"rows_per_group": 0}, "rows_per_group"),
+    ({"model_kind": "transformer"}, "model_kind"),
     ({"features": [1, 2]}, "features"),
     ({"builder": {"f": object()}}, "builder"),
 ])
@@ -209,15 +222,19 @@ def test_failed_build_and_overwrite(tmp_path):
         yield from _tasks(5)
         raise RuntimeError("source file truncated")
 
+    before = read_manifest(uri)
     with pytest.raises(RuntimeError, match="truncated"):  # the builder's own error, not masked
         write_store(uri, failing(), family="electricity", features={}, rows_per_group=1, overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == []  # the old store is gone, no manifest
+    assert read_manifest(uri) == before  # the old store survives the failed overwrite, untouched
+    verify_store(uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temporary left behind
     with pytest.raises(TaskStoreError, match="no tasks"):
-        write_store(uri, [], family="electricity", features={})
+        write_store(str(tmp_path / "empty"), [], family="electricity", features={})
+    assert not (tmp_path / "empty").exists()
     (tmp_path / "store" / "notes.txt").write_text("mine")
-    with pytest.raises(TaskStoreError, match="refusing to overwrite"):
+    with pytest.raises(TaskStoreError, match="refusing to write a task store here"):
         write_store(uri, _tasks(4), family="electricity", features={}, overwrite=True)
-    assert (tmp_path / "store" / "notes.txt").exists()
+    assert (tmp_path / "store" / "notes.txt").exists() and read_manifest(uri) == before
 
 
 # ---------------------------------------------------------------------------------------------- manifest vs files
@@ -249,6 +266,28 @@ def test_newer_format_and_unknown_family(built):
     (built / "manifest.json").write_text("{not json")
     with pytest.raises(TaskStoreError, match="not valid JSON"):
         read_manifest(str(built))
+
+
+def test_the_manifest_names_the_model_kind(built, tmp_path):
+    from pipeline.config import TrainConfig, apply_manifest
+
+    m = write_store(str(tmp_path / "lm"), _tasks(3), family="electricity", model_kind="char_lm", features={})
+    assert m["model_kind"] == "char_lm" and read_manifest(str(tmp_path / "lm"))["model_kind"] == "char_lm"
+    cfg = TrainConfig()
+    apply_manifest(cfg, m)  # the store decides, whatever the config said
+    assert cfg.model.kind == "char_lm"
+    # stores written before manifests named it: the kind their family always trained
+    legacy = {"family": "synthetic", "features": {"layout": "points", "input_size": 1, "output_size": 1}}
+    assert store_model_kind(legacy) == "mlp"
+    assert store_model_kind({"family": "synthetic", "features": {"layout": "sequence"}}) == "forecaster"
+    assert [store_model_kind({"family": f}) for f in ("electricity", "ptb-char", "mt-en-de")] == [
+        "forecaster", "char_lm", "seq2seq"]
+    assert read_manifest(str(built))["model_kind"] is None and store_model_kind(read_manifest(str(built))) == \
+        "forecaster"
+    apply_manifest(cfg, legacy)
+    assert (cfg.model.kind, cfg.model.input_size, cfg.model.output_size) == ("mlp", 1, 1)
+    with pytest.raises(ValueError, match="config key train.model.kind: .*'cnn'"):
+        apply_manifest(cfg, {"family": "synthetic", "model_kind": "cnn", "features": {}}, prefix="train.")
 
 
 def test_verify_counts_mismatch(built):
@@ -377,7 +416,7 @@ def test_synthetic_store_feeds_a_meta_step(ray_cluster, tmp_path):
     manifest = build_synthetic(uri, train_tasks=6, val_tasks=2, test_tasks=0, shots=3, queries=2, window=12,
                                horizon=4)
     f = manifest["features"]
-    assert manifest["counts"] == {"train": 6, "val": 2, "test": 0}
+    assert manifest["counts"] == {"train": 6, "val": 2, "test": 0} and manifest["model_kind"] == "forecaster"
     assert (f["input_size"], f["window"], f["horizon"], f["layout"]) == (1, 12, 4, "sequence")
     batch = collate(next(task_batches(read_dataset(uri, "train"), 4, seed=0, epoch=0)))
     assert tuple(batch.support.x.shape) == (4, 3, 12, 1) and tuple(batch.query.y.shape) == (4, 2, 4)
@@ -388,7 +427,7 @@ def test_synthetic_store_feeds_a_meta_step(ray_cluster, tmp_path):
 
 @pytest.mark.ray
 def test_ingest_bench_runs(ray_cluster):
-    from pipeline.ingest_bench import bench
+    from pipeline.bench.ingest import bench
 
     out = bench({"tasks": "16", "batch": "4", "epochs": "1", "reps": "1", "hidden": "8", "inner_steps": "1",
                  "window": "8", "horizon": "2"})
@@ -420,7 +459,7 @@ def test_synthetic_sequence_windows_follow_the_sinusoid(tmp_path):
 def test_synthetic_points_layout(tmp_path):
     m = build_synthetic(str(tmp_path / "pts"), layout="points", train_tasks=3, val_tasks=0, test_tasks=0, shots=5,
                         queries=7)
-    assert m["features"]["model"] == "mlp"
+    assert m["features"]["model"] == "mlp" and m["model_kind"] == "mlp"
     batch = collate(read_tasks(str(tmp_path / "pts")))
     assert tuple(batch.support.x.shape) == (3, 5, 1) and tuple(batch.query.y.shape) == (3, 7, 1)
     with pytest.raises(ValueError, match="layout"):
@@ -443,11 +482,19 @@ def test_cli_build_and_inspect(tmp_path, capsys):
     capsys.readouterr()
     assert main(["tasks", "inspect", out, "--verify"]) == 0
     text = capsys.readouterr().out
-    for words in ("tasks: train 4, val 32, test 32", "support_x_len: min 48 max 48", "vocabulary: none",
+    for words in ("family: synthetic  model_kind: forecaster", "tasks: train 4, val 32, test 32",
+                  "support_x_len: min 48 max 48", "vocabulary: none",
                   "sample task 'train-00000'", "verified: files match the manifest"):
         assert words in text
     assert main(["tasks", "inspect", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["train"] == 4
+
+
+def test_cli_synthetic_ignores_a_source(tmp_path, caplog):
+    assert main(["tasks", "build", "synthetic", "--out", str(tmp_path / "s"), "--source", "raw.csv",
+                 "--tasks-per-split", "1", "--rows-per-group", "1"]) == 0
+    assert "synthetic: --source raw.csv ignored (synthetic tasks need no data)" in caplog.text
+    assert read_manifest(str(tmp_path / "s"))["rows_per_group"] == 1
 
 
 @pytest.mark.parametrize(("argv", "message"), [

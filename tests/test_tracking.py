@@ -5,6 +5,10 @@ No mocks: the outage test kills a real server mid-run and brings it back on the 
 
 from __future__ import annotations
 
+import logging
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -14,9 +18,12 @@ from mlflow.tracking import MlflowClient
 from servers import free_port, start_server, stop_server
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
-from pipeline import plots
-from pipeline.cli import UserError, main
-from pipeline.tracking import Tracker, check_tracking_server, flatten_params, redact, resolve_tracking_uri
+from metalstm.checkpoint import learner_from_checkpoint, load_checkpoint
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.tracking import plots
+from pipeline.tracking.registry import load_learner
+from pipeline.tracking.runs import Tracker, check_tracking_server, flatten_params, redact, resolve_tracking_uri
 
 CONFIG = {"name": "tiny", "model": {"kind": "mlp", "mlp_hidden": [8, 8]}, "optim": {"lr": 0.001},
           "data": {"store": "memory://tiny"}}
@@ -27,6 +34,13 @@ def http_env(monkeypatch):
     """The tracker sets MLflow's HTTP defaults process-wide; pin them here so they are restored after."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+@pytest.fixture(autouse=True)
+def keep_dir(monkeypatch, tmp_path) -> Path:
+    """Where a model that cannot be logged is kept (by default under the home directory): here, under tmp_path."""
+    monkeypatch.setenv("METALSTM_KEEP_DIR", str(tmp_path / "kept"))
+    return tmp_path / "kept"
 
 
 @pytest.fixture
@@ -144,7 +158,7 @@ def test_tracker_on_the_default_local_store(tmp_path, monkeypatch, checkpoint):
 
 
 @pytest.mark.integration
-def test_server_outage_mid_run_does_not_stop_training(tmp_path, checkpoint):
+def test_server_outage_mid_run_does_not_stop_training(tmp_path, checkpoint, keep_dir):
     root, port = tmp_path / "server", free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(root, port)
@@ -179,8 +193,77 @@ def test_server_outage_mid_run_does_not_stop_training(tmp_path, checkpoint):
     finally:
         stop_server(server)
     assert any("step 4" in m for m in missing)
-    assert any("model 'best'" in m and "kept on disk" in m for m in missing)
+    assert any("model 'best'" in m and f"kept on disk at {keep_dir / run_id / 'best.pt'}" in m for m in missing)
     assert any(m.startswith("run status FINISHED") for m in missing)
     offline = MlflowClient(f"sqlite:///{root / 'server.db'}")  # read the server's database directly
     assert steps_logged(offline, run_id) == [0, 1, 2, 3]
     assert offline.get_run(run_id).info.status == "RUNNING"
+
+
+@pytest.mark.integration
+def test_model_kept_and_registrable_when_mlflow_is_down_at_the_end(tmp_path, checkpoint, keep_dir, caplog):
+    """The trainer hands log_model temporary copies and deletes them afterwards: with the server down at that
+    moment, the checkpoints must survive at a reported path, and the reported command must register them."""
+    root, port = tmp_path / "server", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(root, port)
+    try:
+        tracker = Tracker(uri, "down-at-end", run_name="down", max_retries=1, backoff=0.05, max_backoff=0.1,
+                          flush_timeout=10, http_timeout=5)
+        run_id = tracker.start(CONFIG, {})
+        tracker.log_metrics({"train_loss": 1.0}, step=0)
+        assert tracker.flush(60)
+        stop_server(server)
+
+        temporary = tmp_path / "tmp-copies"
+        temporary.mkdir()
+        with caplog.at_level(logging.WARNING, logger="pipeline.tracking.runs"):
+            for tag in ("final", "best", "best"):  # the same tag twice: the second copy must not replace the first
+                copy = temporary / f"metalstm-{tag}.pt"
+                shutil.copyfile(checkpoint, copy)
+                assert tracker.log_model(str(copy), "down-model", tag=tag) is None
+            missing = tracker.finish()
+        shutil.rmtree(temporary)  # what the trainer does with its copies after the run
+
+        kept = tracker.unlogged_models()
+        paths = [Path(k["path"]) for k in kept]
+        assert paths == [keep_dir / run_id / "final.pt", keep_dir / run_id / "best.pt", keep_dir / run_id / "best-2.pt"]
+        for path in paths:
+            ckpt = load_checkpoint(path)  # the project's loader, weights only
+            assert ckpt["extra"]["step"] == 3
+            learner_from_checkpoint(ckpt)
+            assert f"kept on disk at {path}" in caplog.text
+            assert any(f"kept on disk at {path}" in m for m in missing)
+        best = kept[1]
+        assert best["command"] in caplog.text and "--run-id " + run_id in best["command"]
+        assert "--name down-model" in best["command"] and (keep_dir / run_id / "best.json").is_file()
+
+        # the store is back: the reported command logs and registers the kept checkpoint, in a fresh process
+        server = start_server(root, port)
+        out = subprocess.run(shlex.split(best["command"]), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        client = MlflowClient(uri)
+        (mv,) = client.search_model_versions("name = 'down-model'")
+        assert mv.status == "READY" and mv.run_id == run_id and mv.tags["metalstm.tag"] == "best"
+        learner, ckpt, resolved = load_learner(f"models:/down-model/{mv.version}", uri, str(tmp_path / "dl"))
+        assert ckpt["extra"]["step"] == 3 and resolved.version == mv.version
+        assert paths[1].is_file()  # the kept copy is left in place
+
+        # a store that is still down: the command fails with exit 2 and changes nothing
+        stop_server(server)
+        out = subprocess.run(shlex.split(kept[0]["command"]), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "unreachable" in out.stderr and paths[0].is_file()
+    finally:
+        stop_server(server)
+
+
+def test_register_command_refuses_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    from pipeline.cli import main as metalstm
+
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert metalstm(["register", str(bad), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    assert "cannot be loaded" in capsys.readouterr().err
+    assert metalstm(["register", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()

@@ -10,13 +10,22 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from raytrain import (
+    final_checkpoint,
+    small_store,
+    start_cluster,
+    train_config,
+    train_killing_a_worker,
+    wait_for_checkpoint,
+)
 
 from metalstm import MetaLearner, build_model, collate, load_checkpoint
 from pipeline.config import apply_manifest, load_config
-from pipeline.train import CHECKPOINT_FILE, split_sizes, train
+from pipeline.training.collective import split_sizes
+from pipeline.training.state import CHECKPOINT_FILE
+from pipeline.training.train import train
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -24,35 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_cluster()
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    from pipeline.builders.synthetic import build_synthetic
-
-    uri = str(tmp_path_factory.mktemp("store") / "sinusoid")
-    build_synthetic(uri, layout="sequence", train_tasks=10, val_tasks=4, test_tasks=4, seed=3,
-                    window=12, horizon=4, shots=3, queries=3)
-    return uri
-
-
-def _config(store: str, tmp_path: Path, **overrides):
-    items = {"data.store": store, "tracking.enabled": "false", "dtype": "float64", "model.hidden_size": 8,
-             "maml.inner_steps": 2, "maml.inner_lr": 0.05, "schedule.val_tasks": 0, "schedule.log_every": 1,
-             "checkpoint.storage_path": str(tmp_path / "runs"), "scaling.max_failures": 0}
-    items.update({k: str(v) for k, v in overrides.items()})
-    return load_config(None, [f"{k}={v}" for k, v in items.items()])
-
-
-def _final(result) -> dict:
-    with result.checkpoint.as_directory() as d:
-        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    return small_store(tmp_path_factory.mktemp("store"))
 
 
 def test_split_sizes_uneven():
@@ -64,11 +52,11 @@ def test_split_sizes_uneven():
 @pytest.mark.parametrize("batch", [4, 5])
 def test_two_workers_equal_one_process(ray_cluster, store, tmp_path, batch):
     """Two workers' all-reduced meta-gradient and step equal one process on the same global batch."""
-    from pipeline.taskstore import read_manifest, read_tasks
+    from pipeline.tasks.store import read_manifest, read_tasks
 
-    cfg = _config(store, tmp_path, name=f"equiv-{batch}", **{"schedule.meta_steps": 1,
+    cfg = train_config(store, tmp_path, name=f"equiv-{batch}", **{"schedule.meta_steps": 1,
                   "schedule.meta_batch_size": batch, "scaling.num_workers": 2, "optim.grad_clip": 0})
-    ckpt = _final(train(cfg))
+    ckpt = final_checkpoint(train(cfg))
     ids = ckpt["extra"]["batch_task_ids"]
     assert len(ids) == batch and len(set(ids)) == batch  # every task of the global batch, once
 
@@ -89,57 +77,27 @@ def test_two_workers_equal_one_process(ray_cluster, store, tmp_path, batch):
         torch.testing.assert_close(ckpt["state_dict"][name], p.detach(), rtol=1e-6, atol=1e-12)
 
 
-def _train_workers() -> list[psutil.Process]:
-    """This test's Ray Train workers: descendants of this process (its local raylet), never another cluster's."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if cmd.startswith("ray::RayTrainWorker"):
-            found.append(proc)
-    return found
-
-
-def _wait_for_checkpoint(root: Path, timeout: float = 300.0, log_file: Path | None = None,
-                         marker: str = "step-") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        # a checkpoint counts once Ray Train's snapshot (what a restarted run restores from) names it
-        snapshot = root / "checkpoint_manager_snapshot.json"
-        if snapshot.exists() and marker in snapshot.read_text(errors="ignore"):
-            return
-        time.sleep(0.2)
-    output = log_file.read_text()[-3000:] if log_file else ""
-    raise TimeoutError(f"no checkpoint under {root} after {timeout}s\n{output}")
-
-
-
-def _train_killing_a_worker(cfg, run_dir: Path, marker: str = "step-") -> dict:
-    """Run ``train(cfg)``, SIGKILL a Train worker after its first checkpoint, and return the final checkpoint."""
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)))
-    thread.start()
-    _wait_for_checkpoint(run_dir, marker=marker)
-    victims = _train_workers()
-    assert victims, "no Ray Train worker process found to kill"
-    victims[-1].send_signal(signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive()
-    return _final(outcome["result"])
-
 def test_killed_worker_recovers_to_the_same_parameters(ray_cluster, store, tmp_path):
     """SIGKILL a worker mid-run: Ray Train restarts the group from the last checkpoint and finishes exactly."""
     # Deterministic config: every step uses all 10 training tasks (2 workers x 5), so the order cannot matter.
-    common = {"schedule.meta_steps": 150, "schedule.meta_batch_size": 10, "schedule.val_every": 10,
-              "schedule.log_every": 50, "scaling.num_workers": 2}
-    reference = _final(train(_config(store, tmp_path, name="uninterrupted", **common)))
+    # The reference is one process on the same full batches (two workers equal one process: tested above).
+    from metalstm.training import meta_step
+    from pipeline.tasks.store import read_manifest, read_tasks
 
-    cfg = _config(store, tmp_path, name="interrupted", **{**common, "scaling.max_failures": 2})
-    final = _train_killing_a_worker(cfg, tmp_path / "runs" / "interrupted")
-    assert final["extra"]["step"] == 150
-    for key, value in reference["state_dict"].items():
+    cfg = train_config(store, tmp_path, name="interrupted", **{
+        "schedule.meta_steps": 60, "schedule.meta_batch_size": 10, "schedule.val_every": 20,
+        "schedule.log_every": 20, "scaling.num_workers": 2, "scaling.max_failures": 2})
+    final = train_killing_a_worker(cfg, tmp_path / "runs" / "interrupted")
+    assert final["extra"]["step"] == 60 and final["extra"]["resumed_at"]
+
+    apply_manifest(cfg, read_manifest(store))
+    torch.manual_seed(cfg.schedule.seed)
+    learner = MetaLearner(build_model(cfg.model), cfg.maml).double()
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.optim.lr)
+    batch = collate(read_tasks(store, "train")).to("cpu", torch.float64)
+    for step in range(1, 61):
+        meta_step(learner, batch, optimizer, step=step, grad_clip=cfg.optim.grad_clip)
+    for key, value in learner.state_dict().items():
         torch.testing.assert_close(final["state_dict"][key], value, rtol=1e-6, atol=1e-9)
 
 
@@ -148,14 +106,14 @@ def test_driver_restart_resumes(ray_cluster, store, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     args = [sys.executable, "-m", "pipeline.cli", "train", "name=resumable", f"data.store={store}",
             "tracking.enabled=false", "model.hidden_size=8", "maml.inner_steps=1", "schedule.val_tasks=0",
-            "schedule.meta_steps=400", "schedule.meta_batch_size=4", "schedule.val_every=20",
+            "schedule.meta_steps=120", "schedule.meta_batch_size=4", "schedule.val_every=20",
             "schedule.log_every=100", "scaling.num_workers=1", f"checkpoint.storage_path={tmp_path / 'runs'}"]
     env = {**os.environ, "RAY_ADDRESS": address}
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as out:  # a file, not a pipe: an unread pipe would block the driver
         first = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            _wait_for_checkpoint(tmp_path / "runs" / "resumable", timeout=300, log_file=first_log)
+            wait_for_checkpoint(tmp_path / "runs" / "resumable", timeout=300, log_file=first_log)
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=30)
@@ -164,7 +122,7 @@ def test_driver_restart_resumes(ray_cluster, store, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     output = second.stdout + second.stderr
     assert "resumed from step" in output, output[-3000:]
-    assert "'step': 400" in output
+    assert "'step': 120" in output
 
 
 def test_bad_config_fails_before_ray(tmp_path):
@@ -196,15 +154,15 @@ def test_shipped_train_configs_validate(path):
 def test_warm_start_initialises_theta(ray_cluster, store, tmp_path):
     """``checkpoint.warm_start`` starts θ from another checkpoint (a tiny step keeps it there)."""
     from metalstm import MAMLConfig, save_checkpoint
-    from pipeline.taskstore import read_manifest
+    from pipeline.tasks.store import read_manifest
 
-    cfg = _config(store, tmp_path, name="warm", **{"schedule.meta_steps": 1, "schedule.meta_batch_size": 2,
+    cfg = train_config(store, tmp_path, name="warm", **{"schedule.meta_steps": 1, "schedule.meta_batch_size": 2,
                                                    "scaling.num_workers": 1, "optim.lr": 1e-12})
     apply_manifest(cfg, read_manifest(store))
     torch.manual_seed(1234)  # a different init from the run's seed
     donor = MetaLearner(build_model(cfg.model), MAMLConfig(**vars(cfg.maml))).double()
     cfg.checkpoint.warm_start = str(save_checkpoint(tmp_path / "donor.pt", donor, cfg.model))
-    final = _final(train(cfg))
+    final = final_checkpoint(train(cfg))
     for name, value in donor.state_dict().items():
         torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=1e-9)
 
@@ -219,7 +177,7 @@ def test_pretrain_step_data_parallel_equals_one_process(store):
     from metalstm.baselines import as_split, pooled_sequences
     from metalstm.models import batched
     from metalstm.training import pretrain_step
-    from pipeline.taskstore import read_manifest, read_tasks
+    from pipeline.tasks.store import read_manifest, read_tasks
 
     cfg = load_config(None, [f"data.store={store}", "model.hidden_size=8"])
     apply_manifest(cfg, read_manifest(store))
@@ -268,7 +226,7 @@ def test_pretrain_step_raises_on_non_finite_loss(store):
     from metalstm import NonFiniteLossError
     from metalstm.baselines import as_split, pooled_sequences
     from metalstm.training import pretrain_step
-    from pipeline.taskstore import read_manifest, read_tasks
+    from pipeline.tasks.store import read_manifest, read_tasks
 
     cfg = load_config(None, [f"data.store={store}", "model.hidden_size=8"])
     apply_manifest(cfg, read_manifest(store))
@@ -287,15 +245,15 @@ def _checkpoint_at(tmp_path: Path, name: str, dir_name: str) -> dict:
 def test_pretrain_then_meta_train(ray_cluster, store, tmp_path):
     """2 workers pre-train (loss falls, checkpoints marked stage pretrain), then meta-train from that θ; running
     the finished run again with more meta-steps resumes meta-training and never repeats pre-training."""
-    from pipeline.taskstore import read_manifest
+    from pipeline.tasks.store import read_manifest
 
     common = {"pretrain.steps": 30, "pretrain.batch_size": 16, "pretrain.lr": 0.02, "pretrain.val_every": 15,
               "schedule.val_tasks": 2, "schedule.meta_batch_size": 2, "scaling.num_workers": 2, "optim.lr": 1e-12}
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _config(store, tmp_path, name="pretrained", **{**common, "schedule.meta_steps": 1,
+    cfg = train_config(store, tmp_path, name="pretrained", **{**common, "schedule.meta_steps": 1,
                                                          "tracking.enabled": "true", "tracking.uri": tracking_uri,
                                                          "tracking.experiment": "pretrain-test"})
-    final = _final(train(cfg))
+    final = final_checkpoint(train(cfg))
     extra, pre = final["extra"], final["extra"]["pretrain"]
     assert extra["stage"] == "meta" and extra["step"] == 1 and pre["step"] == 30 and "optimizer" not in pre
     losses = [row["loss"] for row in pre["history"]]
@@ -322,7 +280,8 @@ def test_pretrain_then_meta_train(ray_cluster, store, tmp_path):
         torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=1e-9)
     assert max(float((end["state_dict"][n] - v).abs().max()) for n, v in cold.items()) > 1e-2
 
-    again = _final(train(_config(store, tmp_path, name="pretrained", **{**common, "schedule.meta_steps": 3})))
+    again_cfg = train_config(store, tmp_path, name="pretrained", **{**common, "schedule.meta_steps": 3})
+    again = final_checkpoint(train(again_cfg))
     assert again["extra"]["step"] == 3
     assert again["extra"]["pretrain"] == pre  # the same stage record: not re-run, not resumed
     assert again["extra"]["optimizer"]["state"][0]["step"] == 3  # meta optimiser continued from its checkpoint
@@ -333,14 +292,14 @@ def test_killed_worker_resumes_pretraining(ray_cluster, store, tmp_path):
     (not from step 0) and ends exactly where one process pre-training on the same draws does."""
     from metalstm.baselines import as_split
     from metalstm.training import pretrain_step
-    from pipeline.taskstore import read_dataset, read_manifest, shard_table
-    from pipeline.train import pretrain_batch, sequence_pool
+    from pipeline.tasks.store import read_dataset, read_manifest, shard_table
+    from pipeline.training.shards import pretrain_batch, sequence_pool
 
-    cfg = _config(store, tmp_path, name="pre-interrupted", **{
+    cfg = train_config(store, tmp_path, name="pre-interrupted", **{
         "pretrain.steps": 90, "pretrain.batch_size": 16, "pretrain.val_every": 30, "schedule.log_every": 10,
         "schedule.meta_steps": 1, "schedule.meta_batch_size": 2, "scaling.num_workers": 1,
         "scaling.max_failures": 1})
-    final = _train_killing_a_worker(cfg, tmp_path / "runs" / "pre-interrupted", marker="pretrain-")
+    final = train_killing_a_worker(cfg, tmp_path / "runs" / "pre-interrupted", marker="pretrain-")
     pre = final["extra"]["pretrain"]
     assert pre.get("resumed_at") in ([30], [60]), pre.get("resumed_at")  # resumed mid-stage, from a checkpoint
     assert pre["step"] == 90 and [r["step"] for r in pre["history"]] == list(range(10, 91, 10))

@@ -1,5 +1,6 @@
-"""Test helpers for Ray Train runs, shared by tests/test_train.py and tests/test_train_faults.py: a local cluster,
-the small task store both use, a tiny training config, and a run whose worker is SIGKILLed mid-way."""
+"""Test helpers for data-parallel training, shared by the training and task-store tests: a local Ray cluster, the
+small task store, a tiny training config, a run whose worker is SIGKILLed mid-way, and threads standing in for
+workers with a summing all-reduce (data-parallel equals one process, without Ray)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,27 @@ def train_killing_a_worker(cfg: TrainConfig, run_dir: Path, marker: str = "step-
     thread.join(timeout=300)
     assert not thread.is_alive() and "result" in outcome
     return final_checkpoint(outcome["result"])
+
+
+def thread_workers(parts: list, run: Callable[[int, Any, Callable], Any]) -> list:
+    """``run(rank, part, all_reduce)`` on one thread per "worker"; ``all_reduce`` sums a list of tensors in place
+    across the threads, as the flat all-reduce does across Ray Train workers. Returns each worker's result."""
+    n = len(parts)
+    barrier, posted, outs = threading.Barrier(n), [None] * n, [None] * n
+
+    def worker(rank: int) -> None:
+        def all_reduce(tensors):
+            posted[rank] = [t.clone() for t in tensors]
+            barrier.wait()
+            for i, t in enumerate(tensors):
+                t.copy_(sum(p[i] for p in posted))
+            barrier.wait()
+
+        outs[rank] = run(rank, parts[rank], all_reduce)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return outs

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from raytrain import thread_workers
 from torch import nn
 from torch.func import functional_call
 
@@ -470,7 +471,6 @@ def test_meta_step_data_parallel_equals_one_process():
     """Three "workers" (threads: 3, 2 and no tasks) summing with an all-reduce take the step one process takes on
     the whole batch: the mean query loss's meta-gradient, clipped, learned rates and multi-step loss included."""
     import copy
-    import threading
 
     from metalstm.training import meta_step
 
@@ -494,25 +494,10 @@ def test_meta_step_data_parallel_equals_one_process():
     assert out["support_loss"] == pytest.approx(float(result.support_curve[0].sum()), rel=1e-12)
 
     parts = [batch.select(slice(0, 3)), batch.select(slice(3, 5)), None]
-    barrier, posted, outs = threading.Barrier(3), [None] * 3, [None] * 3
     learners = [copy.deepcopy(base) for _ in parts]
-
-    def worker(rank: int) -> None:
-        def all_reduce(tensors):
-            posted[rank] = [t.clone() for t in tensors]
-            barrier.wait()
-            for i, t in enumerate(tensors):
-                t.copy_(sum(p[i] for p in posted))
-            barrier.wait()
-
-        opt = torch.optim.Adam(learners[rank].parameters(), lr=0.01)
-        outs[rank] = meta_step(learners[rank], parts[rank], opt, step=2, grad_clip=0.05, all_reduce=all_reduce)
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    outs = thread_workers(parts, lambda r, part, all_reduce: meta_step(
+        learners[r], part, torch.optim.Adam(learners[r].parameters(), lr=0.01), step=2, grad_clip=0.05,
+        all_reduce=all_reduce))
     for rank, learner in enumerate([one, *learners]):
         if rank:
             assert outs[rank - 1]["tasks"] == 5
@@ -589,31 +574,6 @@ def test_cli_takes_key_value_options_after_flags(capsys):
 # Divergence (issue 19): a non-finite loss or meta-gradient never reaches the optimiser, on any process
 
 
-def _thread_workers(learners, parts, run):
-    """Run ``run(rank, learner, part, all_reduce)`` on one thread per "worker", summing through a barrier."""
-    import threading
-
-    n = len(parts)
-    barrier, posted, outs = threading.Barrier(n), [None] * n, [None] * n
-
-    def worker(rank: int) -> None:
-        def all_reduce(tensors):
-            posted[rank] = [t.clone() for t in tensors]
-            barrier.wait()
-            for i, t in enumerate(tensors):
-                t.copy_(sum(p[i] for p in posted))
-            barrier.wait()
-
-        outs[rank] = run(rank, learners[rank], parts[rank], all_reduce)
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return outs
-
-
 @pytest.mark.parametrize("poison", [False, True])
 def test_meta_step_skips_on_every_worker_when_one_has_a_nan_loss(poison):
     """Worker 1's query targets are NaN: both workers skip (the check is on the all-reduced tensors), neither
@@ -630,8 +590,8 @@ def test_meta_step_skips_on_every_worker_when_one_has_a_nan_loss(poison):
         parts[1].query.y.fill_(float("nan"))
     learners = [copy.deepcopy(base) for _ in parts]
     optimizers = [torch.optim.Adam(m.parameters(), lr=0.01) for m in learners]
-    outs = _thread_workers(learners, parts, lambda r, m, part, ar: meta_step(m, part, optimizers[r], step=1,
-                                                                               all_reduce=ar))
+    outs = thread_workers(parts, lambda r, part, ar: meta_step(learners[r], part, optimizers[r], step=1,
+                                                                all_reduce=ar))
     for rank, (out, learner, opt) in enumerate(zip(outs, learners, optimizers)):
         assert out["skipped"] == float(poison) and out["nonfinite_workers"] == float(poison), (rank, out)
         assert bool(opt.state) != poison  # Adam never saw the step

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from registered import sine_checkpoint
+from registered import points_store, sine_checkpoint
 from servers import free_port, start_server, stop_server
 
 from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
@@ -22,7 +22,6 @@ from metalstm.evaluation import evaluate_learner
 from metalstm.sinusoid import sinusoid_tasks
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.tasks.builders.synthetic import build_synthetic
 from pipeline.tracking.pyfunc import example_tasks, save_pyfunc
 from pipeline.tracking.registry import load_learner, load_tasks, parse_model_uri
 from pipeline.tracking.runs import Tracker
@@ -39,10 +38,8 @@ def env(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        store_uri = str(root / "store")
-        manifest = build_synthetic(store_uri, layout="points", train_tasks=0, val_tasks=0, test_tasks=12, seed=3)
-        store = {"uri": store_uri, "hash": manifest["content_hash"], "family": "synthetic",
-                 "features": manifest["features"], "vocab": {}, "normalisation": {}}
+        store = points_store(root, "store", seed=3, test_tasks=12)
+        store_uri = store["uri"]
         bad = sine_checkpoint(root / "bad.pt", 0, store)
         good = sine_checkpoint(root / "good.pt", 100, store)
         tracker = Tracker(None, "registry-test", run_name="sine")

@@ -17,21 +17,13 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from registered import sine_checkpoint
+from registered import points_store, sine_checkpoint
 
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.tasks.builders.synthetic import build_synthetic
 from pipeline.tracking import registry
 from pipeline.tracking.registry import LOCK_EXPIRES, LOCK_OWNER, PromotionConflict, lock_name, promote, rollback
 from pipeline.tracking.runs import Tracker
-
-
-def task_store(root: Path, name: str, seed: int) -> dict:
-    uri = str(root / name)
-    manifest = build_synthetic(uri, layout="points", train_tasks=0, val_tasks=0, test_tasks=8, seed=seed)
-    return {"uri": uri, "hash": manifest["content_hash"], "family": "synthetic", "features": manifest["features"],
-            "vocab": {}, "normalisation": {}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def env(tmp_path_factory):
         mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         mp.setenv("METALSTM_KEEP_DIR", str(root / "kept"))
-        a, b = task_store(root, "store-a", 3), task_store(root, "store-b", 4)
+        a, b = points_store(root, "store-a", 3, test_tasks=8), points_store(root, "store-b", 4, test_tasks=8)
         ckpts = {"untrained": sine_checkpoint(root / "untrained.pt", 0, a),
                  "trained": sine_checkpoint(root / "trained.pt", 100, a),
                  "trained-more": sine_checkpoint(root / "trained-more.pt", 120, a),

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 import yaml
-from registered import register_version
+from registered import register_version, tracking_experiment, untrained_checkpoint
 from servers import process_gone
 
-from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
+from metalstm import ModelConfig
 from metalstm.data import EOS
 from metalstm.vocab import Vocab
 from pipeline.serving.adapter_cache import AdapterCache, AdapterTooLargeError
@@ -69,53 +68,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _checkpoint(path: Path, cfg: ModelConfig, seed: int, store: dict, inner_lr: float = 0.01) -> Path:
-    torch.manual_seed(seed)
-    learner = MetaLearner(build_model(cfg), MAMLConfig(inner_steps=3, inner_lr=inner_lr))
-    return save_checkpoint(path, learner, cfg, {"store": store})
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A sqlite MLflow with: forecaster v1, v2, v3 (broken weights), a char LM, a seq2seq and an MLP."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking.runs import ensure_experiment
-
     tmp = tmp_path_factory.mktemp("serve-registry")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    # artifacts beside the db, as training keeps them: without a location MLflow writes ./mlruns in the checkout
-    mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(uri), "serve-tests", uri))
-    store = {"family": "electricity", "features": {"input_size": F, "horizon": H, "window": WINDOW, "stride": H,
-                                                   "support_windows": 4, "covariates": COVARIATES},
-             "normalisation": {"method": "mean"}}
-    fc = ModelConfig(kind="forecaster", input_size=F, hidden_size=16, horizon=H)
-    vocab = Vocab.build(TEXTS, tokenizer="ptb-chars")
-    lm = ModelConfig(kind="char_lm", vocab_size=len(vocab), embedding_size=8, hidden_size=16)
-    src, tgt = Vocab.build([t.split(" ", 1)[1] for t in TEXTS]), Vocab.build(TEXTS)
-    mt = ModelConfig(kind="seq2seq", vocab_size=len(src), tgt_vocab_size=len(tgt), embedding_size=8, hidden_size=16)
-    mlp = ModelConfig(kind="mlp", input_size=1, output_size=1, mlp_hidden=[16, 16])
-    names = {"forecast": "svc-forecast", "lm": "svc-lm", "mt": "svc-mt", "mlp": "svc-mlp"}
-    versions = {
-        "f1": register_version(tmp, _checkpoint(tmp / "f1.pt", fc, 1, store), names["forecast"]),
-        "f2": register_version(tmp, _checkpoint(tmp / "f2.pt", fc, 2, store), names["forecast"]),
-        "f3": register_version(tmp, _checkpoint(tmp / "f3.pt", fc, 3, store), names["forecast"], corrupt=True),
-        "lm": register_version(tmp, _checkpoint(tmp / "lm.pt", lm, 4, {"family": "ptb-char", "vocab": vocab.to_dict(),
-                                                                  "features": {"max_len": 8}}),
-                        names["lm"]),
-        "mt": register_version(tmp, _checkpoint(tmp / "mt.pt", mt, 5, {"family": "mt-en-de", "vocab": {
-            "src": src.tokens, "tgt": tgt.tokens, "tokenizer": "words"}}), names["mt"]),  # the mt builder's vocab
-        "mlp": register_version(tmp, _checkpoint(tmp / "mlp.pt", mlp, 6, {"family": "synthetic"}), names["mlp"]),
-    }
-    yield {"uri": uri, "names": names, "versions": versions, "vocab": vocab, "src": src, "tgt": tgt}
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with tracking_experiment(tmp, "serve-tests") as uri:
+        store = {"family": "electricity", "features": {"input_size": F, "horizon": H, "window": WINDOW, "stride": H,
+                                                       "support_windows": 4, "covariates": COVARIATES},
+                 "normalisation": {"method": "mean"}}
+        fc = ModelConfig(kind="forecaster", input_size=F, hidden_size=16, horizon=H)
+        vocab = Vocab.build(TEXTS, tokenizer="ptb-chars")
+        lm = ModelConfig(kind="char_lm", vocab_size=len(vocab), embedding_size=8, hidden_size=16)
+        src, tgt = Vocab.build([t.split(" ", 1)[1] for t in TEXTS]), Vocab.build(TEXTS)
+        mt = ModelConfig(kind="seq2seq", vocab_size=len(src), tgt_vocab_size=len(tgt), embedding_size=8, hidden_size=16)
+        mlp = ModelConfig(kind="mlp", input_size=1, output_size=1, mlp_hidden=[16, 16])
+        names = {"forecast": "svc-forecast", "lm": "svc-lm", "mt": "svc-mt", "mlp": "svc-mlp"}
+        lm_store = {"family": "ptb-char", "vocab": vocab.to_dict(), "features": {"max_len": 8}}
+        mt_store = {"family": "mt-en-de", "vocab": {"src": src.tokens, "tgt": tgt.tokens, "tokenizer": "words"}}
+        made = {"f1": (fc, 1, store, "forecast"), "f2": (fc, 2, store, "forecast"), "f3": (fc, 3, store, "forecast"),
+                "lm": (lm, 4, lm_store, "lm"), "mt": (mt, 5, mt_store, "mt"),  # the builders' vocabularies
+                "mlp": (mlp, 6, {"family": "synthetic"}, "mlp")}
+        versions = {key: register_version(tmp, untrained_checkpoint(tmp / f"{key}.pt", cfg, seed, ckpt_store),
+                                          names[family], corrupt=key == "f3")
+                    for key, (cfg, seed, ckpt_store, family) in made.items()}
+        yield {"uri": uri, "names": names, "versions": versions, "vocab": vocab, "src": src, "tgt": tgt}
 
 
 APP_KW = {"num_cpus": 0.25, "cache_max_entries": 64, "cache_ttl_s": 3600.0}

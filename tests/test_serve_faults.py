@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
-from registered import register_version
+from registered import register_version, tracking_experiment, untrained_checkpoint
 from servers import free_port, process_gone
 
-from metalstm import MAMLConfig, MetaLearner, ModelConfig, build_model, save_checkpoint
+from metalstm import ModelConfig
 from metalstm.vocab import Vocab
 from pipeline.serving.model_process import PROBE_TIMEOUT_S
 from pipeline.serving.schema import MAX_DECODE_CELLS
@@ -37,41 +36,21 @@ HANG_TIMEOUT_S = 8.0  # the /hang app's request timeout: long enough for any req
 APP_KW = {"num_cpus": 0.25, "cache_max_entries": 16}
 
 
-def _checkpoint(path: Path, cfg: ModelConfig, seed: int, store: dict) -> Path:
-    torch.manual_seed(seed)
-    return save_checkpoint(path, MetaLearner(build_model(cfg), MAMLConfig(inner_steps=2, inner_lr=0.01)), cfg,
-                           {"store": store})
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """sqlite MLflow with a forecaster: v1 and v2 load, v3's weights are broken; and a small translation model."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking.runs import ensure_experiment
-
     tmp = tmp_path_factory.mktemp("serve-faults")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(uri), "serve-faults", uri))
     fc = ModelConfig(kind="forecaster", input_size=F, hidden_size=8, horizon=H)
     src, tgt = Vocab.build([t.split(" ", 1)[1] for t in TEXTS]), Vocab.build(TEXTS)
     mt = ModelConfig(kind="seq2seq", vocab_size=len(src), tgt_vocab_size=len(tgt), embedding_size=8, hidden_size=16)
-    versions = {key: register_version(tmp, _checkpoint(tmp / f"{key}.pt", fc, seed, STORE), "faults-forecast",
-                               corrupt=key == "f3")
-                for seed, key in enumerate(("f1", "f2", "f3"))}
     mt_store = {"family": "mt-en-de", "vocab": {"src": src.tokens, "tgt": tgt.tokens, "tokenizer": "words"}}
-    versions["mt"] = register_version(tmp, _checkpoint(tmp / "mt.pt", mt, 9, mt_store), "faults-mt")
-    try:
+    with tracking_experiment(tmp, "serve-faults") as uri:
+        versions = {key: register_version(tmp, untrained_checkpoint(tmp / f"{key}.pt", fc, seed, STORE, inner_steps=2),
+                                          "faults-forecast", corrupt=key == "f3")
+                    for seed, key in enumerate(("f1", "f2", "f3"))}
+        versions["mt"] = register_version(tmp, untrained_checkpoint(tmp / "mt.pt", mt, 9, mt_store, inner_steps=2),
+                                          "faults-mt")
         yield {"uri": uri, "versions": versions, "forecast": "faults-forecast"}
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @pytest.fixture(scope="module")

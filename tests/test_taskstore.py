@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import uuid
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raytrain import start_cluster
 
 from metalstm import MAMLConfig, MetaLearner, collate
 from metalstm.models import Forecaster
@@ -341,10 +341,7 @@ def test_schema_mismatch_names_column(built):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_cluster()
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raytrain import start_cluster
 
 from pipeline.cli import main
 from pipeline.tasks import staging
@@ -339,10 +340,7 @@ def test_nan_written_into_a_built_store_is_refused_on_read(column, value, tmp_pa
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_cluster()
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from raytrain import (
     final_checkpoint,
     small_store,
     start_cluster,
+    thread_workers,
     train_config,
     train_killing_a_worker,
     wait_for_checkpoint,
@@ -196,25 +196,14 @@ def test_pretrain_step_data_parallel_equals_one_process(store):
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
     ref_opt.step()
 
-    barrier, posted, outs, models = threading.Barrier(3), [None] * 3, [None] * 3, [copy.deepcopy(base) for _ in parts]
+    models = [copy.deepcopy(base) for _ in parts]
 
-    def worker(rank: int) -> None:
-        def all_reduce(tensors):
-            posted[rank] = [t.clone() for t in tensors]
-            barrier.wait()
-            for i, t in enumerate(tensors):
-                t.copy_(sum(p[i] for p in posted))
-            barrier.wait()
-
-        split = as_split(parts[rank]).to("cpu", torch.float64) if parts[rank] else None
+    def step(rank: int, part: list, all_reduce) -> dict:
+        split = as_split(part).to("cpu", torch.float64) if part else None
         opt = torch.optim.Adam(models[rank].parameters(), lr=0.01)
-        outs[rank] = pretrain_step(models[rank], split, opt, grad_clip=0.05, all_reduce=all_reduce)
+        return pretrain_step(models[rank], split, opt, grad_clip=0.05, all_reduce=all_reduce)
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    outs = thread_workers(parts, step)
     for rank, model in enumerate(models):
         assert outs[rank]["loss"] == pytest.approx(loss.item(), rel=1e-12)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):

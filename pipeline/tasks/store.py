@@ -915,8 +915,9 @@ def verify_store(uri: str) -> None:
         with fs.open(_join(root, f["path"]), "rb") as fh, pq.ParquetFile(fh) as pf:
             _check_file_schema(pf.schema_arrow, expected, path)
             n = pf.metadata.num_rows
-            splits = set(pf.read(columns=["split"]).column("split").to_pylist())
-            check_finite(pf.read(columns=["task_id", *floats]), floats, path)
+            table = pf.read(columns=["split", "task_id", *floats])  # one read for both checks
+            splits = set(table.column("split").to_pylist())
+            check_finite(table, floats, path)
         if n != f.get("rows"):
             raise TaskStoreError(f"{path}: holds {n} rows, manifest says {f.get('rows')}", field=f["path"])
         if splits - {f["split"]}:

@@ -512,11 +512,11 @@ def promote(name: str, version: str, *, alias: str = "champion", margin: float =
     client, uri = _client(tracking_uri)
     candidate_mv = _get_version(client, uri, name, None, version)
     holder_mv = _alias_version(client, name, alias)  # compared against; checked again before the alias moves
+    if holder_mv is not None and str(holder_mv.version) == str(version):  # nothing to move: nothing to download
+        log.info("%s version %s already holds @%s", name, version, alias)
+        return EXIT_PROMOTED, {"decision": "already", "candidate_version": version}
     with tempfile.TemporaryDirectory(prefix="metalstm-promote-") as tmp:
         cand, cand_ckpt = _fetch(client, uri, candidate_mv, None, f"{tmp}/candidate")
-        if holder_mv is not None and str(holder_mv.version) == str(version):
-            log.info("%s version %s already holds @%s", name, version, alias)
-            return EXIT_PROMOTED, {"decision": "already", "candidate_version": version}
         holder, holder_ckpt = (None, None) if holder_mv is None else _holder_checkpoint(
             client, uri, holder_mv, alias, cand.family, force, f"{tmp}/holder")
         result = _compare(cand, cand_ckpt, holder, holder_ckpt, alias, tasks_uri, split, limit, steps=steps,

@@ -97,7 +97,7 @@ def _wait(stop: threading.Event, seconds: float) -> bool:
 def _served_version(host: str, port: int, token: str | None) -> dict[str, Any] | None:
     """What ``GET /v1/model`` says is served, or None when it does not answer."""
     try:
-        r = requests.get(f"http://{host}:{port}/v1/model", timeout=10,
+        r = requests.get(f"{_base_url(host, port)}/v1/model", timeout=10,
                          headers={"Authorization": f"Bearer {token}"} if token else {})
         return r.json() if r.ok else None
     except requests.RequestException:
@@ -173,7 +173,7 @@ def direct_ingress_urls(app_name: str, host: str, wait_s: float = 10.0) -> list[
         except Exception as e:  # an older or newer Serve without this call: fall back to the proxy
             log.warning("could not look up direct-ingress addresses: %s", e)
             return []
-        urls = [f"http://{host if host not in ('0.0.0.0', '::') else target.ip}:{target.port}"
+        urls = [_base_url(host if host not in ("0.0.0.0", "::") else target.ip, target.port)
                 for group in groups if group.app_name == app_name and str(group.protocol).upper().endswith("HTTP")
                 for target in group.targets]
         if urls or time.monotonic() > deadline:
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     deploy(config)
     _require_replicas_token(args.host, args.port, token)
-    print(f"serving {config['model_uri']} at http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
+    print(f"serving {config['model_uri']} at {_base_url(args.host, args.port)} (OpenAPI at /docs)", flush=True)
     if args.direct_ingress:
         _announce_direct_ingress(APP_NAME, args.host)
     if args.once:

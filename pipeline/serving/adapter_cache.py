@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -49,9 +49,7 @@ def tensor_bytes(tensors: dict[str, Any]) -> int:
 class Entry:
     value: Any
     nbytes: int
-    created: float
     last_used: float
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class AdapterTooLargeError(ValueError):
@@ -96,7 +94,7 @@ class AdapterCache:
         for key in [k for k, e in self._entries.items() if now - e.last_used > self.ttl_s]:
             self._drop(key, "ttl")
 
-    def put(self, value: Any, nbytes: int, meta: dict[str, Any] | None = None) -> str:
+    def put(self, value: Any, nbytes: int) -> str:
         """Store ``value`` (costing ``nbytes``) under a new random id, evicting what the bounds require."""
         if nbytes > self.max_bytes:
             raise AdapterTooLargeError(f"adapter: {nbytes} bytes exceeds the cache's max_bytes={self.max_bytes}")
@@ -108,7 +106,7 @@ class AdapterCache:
                 self._drop(next(iter(self._entries)), "lru")
             while self._entries and self._bytes + nbytes > self.max_bytes:
                 self._drop(next(iter(self._entries)), "bytes")
-            self._entries[key] = Entry(value, nbytes, now, now, dict(meta or {}))
+            self._entries[key] = Entry(value, nbytes, now)
             self._bytes += nbytes
         return key
 

@@ -11,6 +11,7 @@ child process of the replica.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -144,10 +145,11 @@ class Job:
             return len(self.query_x) * self.decode.max_new_tokens
         return 0
 
-    @property
+    @functools.cached_property
     def cost(self) -> int:
         """Padded support cells plus decoding cells, at least the per-request share of a full batch: what one
-        batch may hold (bounds a batch's memory and time)."""
+        batch may hold (bounds a batch's memory and time). Cached: a job is complete before it is queued, and
+        the batchers ask for the cost of every queued job each time they consider adding one."""
         cells = len(self.support_x) * max(len(a) for a in self.support_x) if self.support_x else 0
         return max(cells + self.decode_cells, MAX_BATCH_CELLS // MAX_BATCH_REQUESTS)
 

@@ -10,6 +10,7 @@ model selection on validation that both single-process trainings share.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,13 +95,13 @@ def meta_step(learner: MetaLearner, batch: TaskBatch | None, optimizer: torch.op
         t1 = time.perf_counter()
         all_reduce([p.grad for p in params])
         wait, reduce = t1 - t0, time.perf_counter() - t1
-    tasks = float(stats[2])
+    query, support, tasks, nonfinite, at_theta = stats.tolist()  # one device-to-host copy, not five
     for p in params:
         p.grad.div_(max(tasks, 1.0))
-    out = {"query_loss": float(stats[0]), "support_loss": float(stats[1]), "tasks": tasks, "wait_s": wait,
-           "allreduce_s": reduce, "skipped": 0.0, "nonfinite_workers": float(stats[3]),
-           "nonfinite_at_theta": float(stats[4])}
-    if stats[3] > 0 or not all_finite([stats[:2], *(p.grad for p in params)]):
+    out = {"query_loss": query, "support_loss": support, "tasks": tasks, "wait_s": wait, "allreduce_s": reduce,
+           "skipped": 0.0, "nonfinite_workers": nonfinite, "nonfinite_at_theta": at_theta}
+    if nonfinite > 0 or not (math.isfinite(query) and math.isfinite(support)) or not all_finite(
+            [p.grad for p in params]):
         optimizer.zero_grad(set_to_none=False)
         return {**out, "skipped": 1.0}
     if grad_clip > 0:

@@ -14,7 +14,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalstm.config import MAMLConfig, ModelConfig
 from metalstm.models import MODEL_KINDS
-from pipeline.tasks.store import store_model_kind
 
 
 @dataclass
@@ -182,6 +181,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def apply_manifest(cfg: TrainConfig, manifest: dict[str, Any], prefix: str = "") -> None:
     """The task store decides the model kind (its manifest's ``model_kind``) and the data dimensions; the config
     the rest."""
+    from pipeline.tasks.store import store_model_kind  # pyarrow and fsspec: only when a manifest is applied
+
     kind = store_model_kind(manifest)
     check(kind in MODEL_KINDS, f"{prefix}model.kind", f"the {manifest['family']!r} store's model_kind is not one of "
           f"{', '.join(MODEL_KINDS)}", kind)

@@ -70,6 +70,8 @@ def broadcast_object(obj: Any, world: int, src: int = 0) -> Any:
 def check_same_parameters(module: nn.Module, world: int) -> None:
     """Raise if θ differs across the workers: every step (or skipped step) must have been the same everywhere, and
     a drift would otherwise go unseen until the results are wrong."""
+    if world <= 1:  # one worker cannot differ from itself
+        return
     with torch.no_grad():
         local = [float(sum(p.detach().double().sum() for p in module.parameters()))]
     sums = gather_lists(local, world)
